@@ -1,0 +1,63 @@
+"""State-dict maps and checkpoint files: our (original SD) layout <-> diffusers, single files, folders.
+
+Our networks use the original CompVis/Stability key names natively (DESIGN pattern 9); everything here
+converts to and from other layouts. Maps take and return plain `dict[str, Tensor]` without prefixes.
+"""
+
+from ldm.checkpoints.configs import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+)
+from ldm.checkpoints.detect import detect_format, is_run_folder
+from ldm.checkpoints.diffusers_folder import DiffusersFolder, load_diffusers_folder, save_diffusers_folder
+from ldm.checkpoints.io import UnsafeCheckpointError, atomic_write, read_state_dict, write_state_dict
+from ldm.checkpoints.single_file import (
+    SingleFileCheckpoint,
+    join_state_dict,
+    load_single_file,
+    save_single_file,
+    split_state_dict,
+)
+from ldm.checkpoints.text_map import (
+    drop_last_text_layers,
+    fit_clip_keys,
+    infer_clip_text_config,
+    normalize_clip_keys,
+    open_clip_to_transformers,
+    transformers_to_open_clip,
+)
+from ldm.checkpoints.unet_map import unet_from_diffusers, unet_to_diffusers
+from ldm.checkpoints.vae_map import vae_from_diffusers, vae_to_diffusers
+
+__all__ = [
+    "DiffusersFolder",
+    "SingleFileCheckpoint",
+    "UnsafeCheckpointError",
+    "atomic_write",
+    "detect_format",
+    "drop_last_text_layers",
+    "fit_clip_keys",
+    "infer_clip_text_config",
+    "is_run_folder",
+    "join_state_dict",
+    "load_diffusers_folder",
+    "load_single_file",
+    "normalize_clip_keys",
+    "open_clip_to_transformers",
+    "read_state_dict",
+    "save_diffusers_folder",
+    "save_single_file",
+    "split_state_dict",
+    "transformers_to_open_clip",
+    "unet_config_from_diffusers",
+    "unet_config_to_diffusers",
+    "unet_from_diffusers",
+    "unet_to_diffusers",
+    "vae_config_from_diffusers",
+    "vae_config_to_diffusers",
+    "vae_from_diffusers",
+    "vae_to_diffusers",
+    "write_state_dict",
+]

@@ -1,0 +1,161 @@
+"""Reading and writing weight files: `.safetensors`, and pickle-based `.ckpt` / `.pt` / `.pth` / `.bin`.
+
+Pickle files are opened with `torch.load(weights_only=True)`, which only rebuilds tensors and plain
+containers. A file that also carries pickled Python objects (a Lightning `hyper_parameters` Namespace,
+a config class, ...) could run arbitrary code while loading, so it is refused with `UnsafeCheckpointError`
+unless the caller opts in (DESIGN "Checkpoints hold state dicts and the resolved config, never pickled
+code"). Writes go to a temporary file in the same folder and are renamed over the target with
+`os.replace`, so a crash never leaves a half-written checkpoint behind under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+StateDict = dict[str, torch.Tensor]
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A pickle checkpoint holds Python objects besides tensors; loading it could execute code."""
+
+
+def _unsafe_message(path: Path, detail: str, opt_in: str) -> str:
+    """Say what was found, why it is refused, and how to load it anyway."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    what = f" (e.g. `{found.group(1)}`)" if found else ""
+    return (
+        f"{path} holds pickled Python objects besides tensors{what}. Unpickling them can run arbitrary code, "
+        f"so it was refused. If you trust where the file came from, load it with {opt_in}; "
+        "or convert it once to .safetensors, which holds tensors only."
+    )
+
+
+def _torch_load(path: Path, allow_pickle: bool, opt_in: str) -> Any:
+    """torch.load on CPU, weights-only unless the caller opted in to full unpickling."""
+    if allow_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Corrupt files fail the same way ("Unsupported operand ..."); only a refused class is unsafe.
+        if re.search(r"Unsupported (global|class)", str(err)):
+            raise UnsafeCheckpointError(_unsafe_message(path, str(err), opt_in)) from err
+        raise ValueError(f"{path} cannot be read as a torch checkpoint (corrupt or another format)") from err
+
+
+def _scalars(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain scalar entries of a checkpoint's top level (global_step, epoch, versions)."""
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
+
+
+def read_state_dict(
+    path: str | os.PathLike, *, allow_pickle: bool = False, opt_in: str = "allow_pickle=True"
+) -> tuple[StateDict, dict[str, Any]]:
+    """Load a weight file -> (flat state dict of tensors, info).
+
+    `info` holds the safetensors metadata under "metadata" and, for pickle files, the top-level scalars
+    such as "global_step". A `{"state_dict": ...}` wrapper (Lightning, CompVis) is unwrapped. `opt_in`
+    is how the refusal message tells the user to opt in (e.g. "ckpt_allow_pickle=true" from a config).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path), device="cpu"), {"metadata": metadata}
+    if suffix not in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path}: unknown weight file type {suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin)"
+        )
+    obj = _torch_load(path, allow_pickle, opt_in)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    info = _scalars(obj)
+    if isinstance(obj.get("metadata"), Mapping):
+        info["metadata"] = {str(k): str(v) for k, v in obj["metadata"].items()}
+    inner = obj.get("state_dict", obj)
+    if not isinstance(inner, Mapping):
+        raise ValueError(f"{path}: 'state_dict' is a {type(inner).__name__}, not a mapping")
+    return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}, info
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` on a temporary file next to `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows when on the same file system
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _unshared(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Contiguous tensors that own their whole storage.
+
+    safetensors refuses tensors sharing memory (tied weights, q/k/v chunks of one in_proj), and torch.save
+    would write a view's entire base storage; copying views fixes both.
+    """
+    seen: set[int] = set()
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        t = value.detach().contiguous()
+        storage = t.untyped_storage()
+        if t.numel() and (storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()):
+            t = t.clone()
+            storage = t.untyped_storage()
+        seen.add(storage.data_ptr())
+        out[key] = t
+    return out
+
+
+def write_state_dict(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    global_step: int | None = None,
+) -> Path:
+    """Write a flat state dict atomically: `.safetensors` (with str metadata) or `.ckpt`/`.pt`/`.pth`/`.bin`.
+
+    Pickle files get the CompVis layout `{"state_dict": ..., "global_step": ...}`, except `.bin`, which
+    is the flat transformers/diffusers layout.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    tensors = _unshared(state_dict)
+    if suffix in SAFETENSORS_SUFFIXES:
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if global_step is not None:
+            meta.setdefault("global_step", str(global_step))
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
+    if suffix not in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown weight file type {suffix!r}")
+    if suffix == ".bin":
+        payload: dict[str, Any] = tensors
+    else:
+        payload = {"state_dict": tensors}
+        if global_step is not None:
+            payload["global_step"] = int(global_step)
+        if metadata:
+            payload["metadata"] = {str(k): str(v) for k, v in metadata.items()}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
