@@ -140,6 +140,7 @@ class UNetModel(nn.Module):
         dropout: float = 0.0,
         use_checkpoint: bool = False,
         upcast_attention: bool = False,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
@@ -182,6 +183,11 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+
+        # Class-conditional models add a label embedding to the timestep embedding (ADM; CompVis `label_emb`).
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
@@ -232,13 +238,21 @@ class UNetModel(nn.Module):
                 m.gradient_checkpointing = enabled
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the network target (eps, v or x0) for latents `x` at `timesteps` given `context`."""
         t = torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError("this UNet is class-conditional (num_classes is set): pass class labels `y`")
+            emb = emb + self.label_emb(y.to(x.device))
         if context is not None:
             context = context.to(x.dtype)
         h = x
