@@ -267,6 +267,13 @@ class AutoencoderKL(nn.Module):
         scale_factor: float = 0.18215,
     ):
         super().__init__()
+        # The constructor arguments, so exports can rebuild this network exactly (pipeline_io, checkpoints).
+        self.config = dict(
+            embed_dim=embed_dim, z_channels=z_channels, double_z=double_z, in_channels=in_channels,
+            out_ch=out_ch, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            resolution=resolution, dropout=dropout, scale_factor=float(scale_factor),
+        )  # fmt: skip
         if not double_z:
             raise ValueError(
                 "AutoencoderKL: double_z must be true (the encoder predicts mean and log-variance)"

@@ -143,6 +143,16 @@ class UNetModel(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
+        # The constructor arguments, so exports can rebuild this network exactly (pipeline_io, checkpoints).
+        depth_arg = transformer_depth if isinstance(transformer_depth, int) else list(transformer_depth)
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+            num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions),
+            channel_mult=list(channel_mult), num_heads=num_heads, num_head_channels=num_head_channels,
+            transformer_depth=depth_arg,
+            context_dim=context_dim, use_linear_in_transformer=use_linear_in_transformer, dropout=dropout,
+            upcast_attention=upcast_attention, num_classes=num_classes,
+        )  # fmt: skip
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel: set either num_heads or num_head_channels (both are -1)")
         channel_mult = list(channel_mult)
