@@ -21,3 +21,11 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny random SD-shaped diffusers folder (see tests/tiny.py), written once per test session."""
+    from tests.tiny import save_tiny_sd_folder
+
+    return save_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd") / "sd")

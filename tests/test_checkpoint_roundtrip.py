@@ -11,8 +11,6 @@ import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from ldm.checkpoints import (
     fit_clip_keys,
@@ -24,31 +22,18 @@ from ldm.checkpoints import (
 from ldm.checkpoints.build import build_unet, build_vae, infer_unet_kwargs, infer_vae_kwargs
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNetModel
-from tests.test_nn_parity import randomize_, rel_err
+from tests.tiny import (
+    SCHEDULER,
+    UNET_KW,
+    UNET_KW_SD2,
+    VAE_KW,
+    randomize_,
+    rel_err,
+    text_conditioner,
+    text_state,
+)
 
 diffusers = pytest.importorskip("diffusers")
-
-UNET_KW = dict(
-    model_channels=32, channel_mult=[1, 2, 2, 2], attention_resolutions=[4, 2, 1], num_res_blocks=2,
-    num_heads=8, num_head_channels=-1, context_dim=32, transformer_depth=1,
-    use_linear_in_transformer=False, upcast_attention=False,
-)  # fmt: skip
-UNET_KW_SD2 = dict(
-    UNET_KW, num_heads=-1, num_head_channels=32, use_linear_in_transformer=True, upcast_attention=True
-)
-VAE_KW = dict(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, scale_factor=0.18215)
-SCHEDULER = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "clip_sample": False,
-}  # fmt: skip
-
-
-def text_conditioner():
-    cfg = OmegaConf.load("configs/model/conditioner/tiny.yaml")
-    cond = instantiate(cfg)
-    randomize_(cond.transformer, seed=3)
-    return cond
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +42,6 @@ def ours():
     unet = randomize_(UNetModel(**UNET_KW), seed=1).eval()
     vae = randomize_(AutoencoderKL(**VAE_KW), seed=2).eval()
     return unet, vae, text_conditioner()
-
-
-def text_state(cond) -> dict[str, torch.Tensor]:
-    """The conditioner's CLIP weights with the classic `text_model.*` keys that files store."""
-    return {k.removeprefix("transformer."): v for k, v in cond.state_dict().items()}
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):

@@ -149,8 +149,14 @@ def test_matches_diffusers_encode_prompt(tiny):
     cond.load_state_dict(tiny.state_dict())
     # transformer (not .text_model): diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm.
     pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=cond.transformer, tokenizer=cond.tokenizer, unet=None, scheduler=None,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=None,
+        text_encoder=cond.transformer,
+        tokenizer=cond.tokenizer,
+        unet=None,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     with torch.no_grad():
         pos, neg = pipe.encode_prompt(CAPTIONS[:2], "cpu", 1, True, clip_skip=1)
@@ -184,8 +190,15 @@ def test_diffusers_layout_with_dropped_last_layer(tiny, tmp_path):
     short.transformer.save_pretrained(tmp_path / "text_encoder")
     full.tokenizer.save_pretrained(tmp_path / "tokenizer")
 
-    cfg = _cfg("tiny", version=str(tmp_path), subfolder="text_encoder", tokenizer=None, pretrained=True,
-               layer="penultimate", **{"config.num_hidden_layers": 3})
+    cfg = _cfg(
+        "tiny",
+        version=str(tmp_path),
+        subfolder="text_encoder",
+        tokenizer=None,
+        pretrained=True,
+        layer="penultimate",
+        **{"config.num_hidden_layers": 3},
+    )
     loaded = hydra.utils.instantiate(cfg)
     assert loaded.transformer.config.num_hidden_layers == 2 and loaded.hidden_index == 2
     assert torch.equal(loaded(CAPTIONS), full(CAPTIONS))
@@ -193,8 +206,16 @@ def test_diffusers_layout_with_dropped_last_layer(tiny, tmp_path):
     with pytest.raises(InstantiationException, match="block 3"):
         hydra.utils.instantiate(cfg, layer="last")
     with pytest.raises(InstantiationException, match="does not match"):
-        hydra.utils.instantiate(_cfg("tiny", version=str(tmp_path), subfolder="text_encoder", tokenizer=None,
-                                     pretrained=True, **{"config.hidden_size": 64}))
+        hydra.utils.instantiate(
+            _cfg(
+                "tiny",
+                version=str(tmp_path),
+                subfolder="text_encoder",
+                tokenizer=None,
+                pretrained=True,
+                **{"config.hidden_size": 64},
+            )
+        )
 
 
 # --- freezing -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.unet import UNetModel
+from tests.tiny import randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import (  # noqa: E402
@@ -20,22 +21,6 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, also where the reference zero-initializes (else those paths go untested)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-    return module
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,11 @@ MAX_LENGTH = 77
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # Captions of the bundled digits experiment, weighted heavily so their words are merged first.
-CAPTIONS = [f"a photo of the digit {name}" for name in DIGIT_NAMES] + [
-    f"a handwritten digit {name}" for name in DIGIT_NAMES
-] + [f"the number {name}" for name in DIGIT_NAMES]
+CAPTIONS = (
+    [f"a photo of the digit {name}" for name in DIGIT_NAMES]
+    + [f"a handwritten digit {name}" for name in DIGIT_NAMES]
+    + [f"the number {name}" for name in DIGIT_NAMES]
+)
 
 # Common English words, roughly by frequency (the first ones get a higher count below). Hand-written
 # rather than downloaded so that the generator runs offline and stays deterministic.
@@ -71,8 +73,10 @@ def bytes_to_unicode() -> dict[int, str]:
     """Byte -> printable unicode symbol map of GPT-2 / openai/CLIP ``simple_tokenizer.bytes_to_unicode``."""
     # Printable bytes map to themselves; the rest are shifted above 255 so no symbol is whitespace or a
     # control character (BPE files are whitespace-separated).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     cs = bs[:]
     n = 0

@@ -1,4 +1,4 @@
-"""Diffusion math that holds no weights: noise schedules and parameterizations (DESIGN.md, "diffusion/")."""
+"""Diffusion math that holds no weights: schedules, parameterizations, samplers, guidance (DESIGN.md)."""
 
 from ldm.diffusion.denoiser import (
     PREDICTION_TYPES,
@@ -15,6 +15,8 @@ from ldm.diffusion.denoiser import (
     x0_to_eps,
     x0_to_v,
 )
+from ldm.diffusion.guidance import cfg_denoiser
+from ldm.diffusion.samplers import SAMPLERS, SamplingPlan, get_sampler, sampling_plan
 from ldm.diffusion.schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -24,6 +26,11 @@ from ldm.diffusion.schedule import (
 )
 
 __all__ = [
+    "SAMPLERS",
+    "SamplingPlan",
+    "cfg_denoiser",
+    "get_sampler",
+    "sampling_plan",
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
     "TIMESTEP_SPACINGS",

@@ -58,6 +58,13 @@ TIMESTEP_SAMPLERS = frozenset({"ddpm", "ddim", "plms"})
 _ALIASES = {"euler_ancestral": "euler_a", "pndm": "plms"}
 # The DPM-Solver family follows DPMSolverMultistepScheduler's own grid rules (see `dpm_solver_grid`).
 _DPM_SOLVERS = frozenset({"dpmpp_2m", "dpmpp_2m_sde"})
+# The timestep spacing each sampler's diffusers scheduler class defaults to, used when neither the caller
+# nor the model's scheduler config names one (SD1.5's scheduler_config.json has no timestep_spacing).
+DEFAULT_SPACING = {
+    "ddpm": "leading", "ddim": "leading", "plms": "leading",
+    "euler": "linspace", "euler_a": "linspace", "heun": "linspace",
+    "dpmpp_2m": "linspace", "dpmpp_2m_sde": "linspace",
+}  # fmt: skip
 
 
 def canonical_sampler_name(name: str) -> tuple[str, bool]:
@@ -223,7 +230,7 @@ def sampling_plan(
     """
     name, karras_suffix = canonical_sampler_name(sampler)
     karras = karras or karras_suffix
-    spacing = schedule.timestep_spacing if spacing is None else spacing
+    spacing = spacing or schedule.timestep_spacing or DEFAULT_SPACING[name]
     steps_offset = schedule.steps_offset if steps_offset is None else steps_offset
     fn = SAMPLERS[name]
     known = sampler_options(name)

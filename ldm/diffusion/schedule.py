@@ -107,7 +107,9 @@ class NoiseSchedule:
     (CompVis `v1-inference.yaml`; diffusers SD1 `scheduler_config.json`).
 
     `timestep_spacing` and `steps_offset` are the defaults used by `timesteps()` and `sampling_sigmas()`; they
-    live here so that a diffusers scheduler config round-trips through this object.
+    live here so that a diffusers scheduler config round-trips through this object. `timestep_spacing=None`
+    means "not set": each sampler then uses the default of its diffusers scheduler class (see
+    `ldm.diffusion.samplers.DEFAULT_SPACING`), which is what SD1.5's config, lacking the key, gives there.
     """
 
     def __init__(
@@ -117,11 +119,11 @@ class NoiseSchedule:
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         rescale_zero_terminal_snr: bool = False,
-        timestep_spacing: str = "leading",
+        timestep_spacing: str | None = "leading",
         steps_offset: int = 1,
         trained_betas: Sequence[float] | Tensor | None = None,
     ) -> None:
-        if timestep_spacing not in TIMESTEP_SPACINGS:
+        if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected {TIMESTEP_SPACINGS}")
         self.beta_schedule = canonical_beta_schedule(beta_schedule)
         self.beta_start = float(beta_start)
@@ -270,7 +272,7 @@ class NoiseSchedule:
         "linspace" = linspace(0, T - 1, steps). `discrete=True` gives int64 (DDIMScheduler rounds linspace);
         `discrete=False` gives float64 as EulerDiscreteScheduler, which keeps fractional linspace steps.
         steps_offset applies to "leading" only, as in diffusers."""
-        spacing = self.timestep_spacing if spacing is None else spacing
+        spacing = spacing or self.timestep_spacing or "leading"
         steps_offset = self.steps_offset if steps_offset is None else steps_offset
         T = self.num_train_timesteps
         if not 0 < steps <= T:
@@ -319,7 +321,8 @@ class NoiseSchedule:
             beta_start=config.get("beta_start", 0.0001),
             beta_end=config.get("beta_end", 0.02),
             rescale_zero_terminal_snr=config.get("rescale_betas_zero_snr", False),
-            timestep_spacing=config.get("timestep_spacing", "leading"),
+            # Absent in older configs (SD1.5's): left unset, each sampler takes its diffusers class default.
+            timestep_spacing=config.get("timestep_spacing"),
             steps_offset=config.get("steps_offset", 0),
             trained_betas=config.get("trained_betas"),
         )
@@ -334,11 +337,12 @@ class NoiseSchedule:
             "beta_end": self.beta_end,
             "beta_schedule": "squaredcos_cap_v2" if self.beta_schedule == "cosine" else self.beta_schedule,
             "rescale_betas_zero_snr": self.rescale_zero_terminal_snr,
-            "timestep_spacing": self.timestep_spacing,
             "steps_offset": self.steps_offset,
             "clip_sample": False,
             "set_alpha_to_one": False,
         }
+        if self.timestep_spacing is not None:
+            config["timestep_spacing"] = self.timestep_spacing
         if self.trained_betas is not None:
             config["trained_betas"] = list(self.trained_betas)
         if prediction_type is not None:

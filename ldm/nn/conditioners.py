@@ -23,7 +23,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 # The architecture fields a pretrained checkpoint must agree on with a given `config` (the rest, such as
 # dropout or token ids, do not change the shape of the context or the state dict).
 _ARCH_KEYS = (
-    "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings"
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
 )
 _NAMED_LAYERS = {"last": -1, "penultimate": -2}
 

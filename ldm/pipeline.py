@@ -1,0 +1,231 @@
+"""`Pipeline`: the trained components put back together for sampling (DESIGN.md, "Contracts").
+
+Text to image, image to image and inpainting on a standard model, in the order of LDM's sampling: encode
+the prompt with the frozen text encoder, run a sampler (ldm.diffusion.samplers) over the guided denoiser
+in latent space, decode once with the autoencoder. Starting noise, per-step noise and the timestep grids
+are drawn and built as diffusers' StableDiffusionPipeline does, so the same initial latents give the same
+images. Loading and saving live in `ldm/pipeline_io.py`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.guidance import cfg_denoiser
+from ldm.diffusion.sampler_utils import randn
+from ldm.diffusion.samplers import sampling_plan
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.nn.autoencoder import AutoencoderKL
+from ldm.nn.conditioners import TextConditioner
+from ldm.nn.unet import UNetModel
+
+
+def to_image_tensor(image: Image.Image | Tensor | np.ndarray, height: int, width: int) -> Tensor:
+    """A PIL image, HWC uint8 array or NCHW/CHW tensor in [0, 1] -> 1 x 3 x H x W tensor in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    image = image if image.ndim == 4 else image[None]
+    if image.shape[-2:] != (height, width):
+        image = F.interpolate(image.float(), size=(height, width), mode="bicubic", antialias=True).clamp(0, 1)
+    return image.float()
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """N x 3 x H x W tensor in [0, 1] -> PIL images (rounded as diffusers' `numpy_to_pil`)."""
+    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+class LatentBlend:
+    """Inpainting on a standard model by latent blending: outside the mask the clean-latent estimate is
+    replaced by the known latent at every step, so the sampler keeps the known region and only repaints
+    where mask = 1 (RePaint-style replacement, Lugmayr et al. 2022; A1111 / diffusers' non-inpainting path
+    blend the noised known latent instead, which is the same in the limit of many steps)."""
+
+    def __init__(self, denoiser: Any, z0: Tensor, mask: Tensor):
+        self.inner, self.z0, self.mask = denoiser, z0, mask
+        self.schedule = denoiser.schedule
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kwargs: Any) -> Tensor:
+        """Sigma view: the blended z0 estimate."""
+        return self.mask * self.inner(x, sigma, **kwargs) + (1 - self.mask) * self.z0
+
+    def predict_at(self, x: Tensor, t: int, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Timestep view: blend z0, then the eps consistent with it, (x - alpha_t z0) / sigma_t."""
+        z0, eps = self.inner.predict_at(x, t, **kwargs)
+        z0 = self.mask * z0 + (1 - self.mask) * self.z0
+        alpha_t, sigma_t = self.schedule.vp_coefficients(torch.as_tensor(t))
+        if float(sigma_t) > 0:
+            known = (x - float(alpha_t) * self.z0) / float(sigma_t)
+            eps = self.mask * eps + (1 - self.mask) * known
+        return z0, eps
+
+
+class Pipeline:
+    """UNet + autoencoder + text encoder + noise schedule, callable as text-to-image / img2img / inpaint."""
+
+    def __init__(
+        self,
+        unet: UNetModel,
+        vae: AutoencoderKL,
+        text_encoder: TextConditioner,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        sample_size: int | None = None,
+        tokenizer_source: str | None = None,
+    ):
+        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        # Default image side in latent pixels (diffusers' unet sample_size): 64 for SD1 (512 px).
+        self.sample_size = sample_size or 64
+        self.tokenizer_source = tokenizer_source
+
+    @property
+    def tokenizer(self):
+        """The text encoder's CLIP tokenizer."""
+        return self.text_encoder.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move to `device`; `dtype` casts UNet and text encoder. The autoencoder stays in fp32, where SD's
+        decoder does not overflow."""
+        self.unet.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device, dtype=dtype)
+        self.vae.to(device=device)
+        self.schedule = self.schedule.to(device=device)
+        return self
+
+    def _net(self, x: Tensor, t: Tensor, context: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The UNet in its own dtype (bf16 / fp16 when cast) while the sampler keeps latents in fp32."""
+        return self.unet(x.to(self.dtype), t, context, **kwargs).float()
+
+    def save(self, path: str | Path, format: str = "ldm") -> Path:
+        """Write as "ldm" (our folder), "single_file" or "diffusers" (see `ldm.pipeline_io.save_pipeline`)."""
+        from ldm.pipeline_io import save_pipeline  # pipeline_io builds Pipelines: import here, not at the top
+
+        return save_pipeline(self, path, format)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        """Cross-attention contexts (B x 77 x D) for the prompts."""
+        ids = self.text_encoder.tokenize(list(prompts)).to(self.device)
+        return self.text_encoder(ids).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] -> scaled latents (posterior mean: deterministic, unlike diffusers' sample)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode((images * 2 - 1).to(self.device, vae_dtype))
+        return posterior.mean * self.vae.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, batch_size: int = 8) -> Tensor:
+        """Scaled latents -> images in [0, 1], decoded `batch_size` at a time to bound memory."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        out = [
+            self.vae.decode(chunk.to(vae_dtype) / self.vae.scale_factor).float()
+            for chunk in latents.split(max(1, batch_size))
+        ]
+        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        seed: int | None = None,
+        latents: Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_image: Image.Image | Tensor | None = None,
+        strength: float | None = None,
+        mask: Image.Image | Tensor | None = None,
+        output: str = "pil",
+        num_images_per_prompt: int = 1,
+        guidance_rescale: float = 0.0,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        decode_batch_size: int = 8,
+        **sampler_options: Any,
+    ) -> list[Image.Image] | Tensor:
+        """Generate images; image i of the batch uses seed `seed + i`. `latents` is unit-variance starting
+        noise (scaled by the sampler as diffusers does). `init_image` + `strength` for image to image,
+        plus `mask` (white = repaint) for inpainting. `callback(info)` runs after every step with the
+        step index "i", the latent "x" and the clean estimate "denoised". Returns PIL images, or with
+        output="tensor" an N x 3 x H x W tensor in [0, 1]."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        height = height or self.sample_size * self.vae.downsampling_factor
+        width = width or self.sample_size * self.vae.downsampling_factor
+        f = self.vae.downsampling_factor
+        if height % 8 or width % 8 or height % f or width % f:
+            raise ValueError(f"height and width must be multiples of 8 (and of {f}), got {height} x {width}")
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        if mask is not None and init_image is None:
+            raise ValueError("inpainting needs init_image as well as mask")
+
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+        shape = (n, self.unet.in_channels, height // f, width // f)
+        if latents is None:
+            latents = randn(shape, generators, self.device, torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(self.device, torch.float32)
+
+        context = self.encode_prompt(prompts)
+        denoiser: Any = Denoiser(self._net, self.schedule, self.prediction_type)
+        extra_args: dict[str, Any] = {"context": context}
+        if guidance_scale > 1.0:  # as StableDiffusionPipeline: no unconditional pass at scale <= 1
+            uncond = self.encode_prompt(negatives)
+            denoiser = cfg_denoiser(denoiser, guidance_scale, guidance_rescale)
+            extra_args = {"context": context, "uncond_context": uncond}
+
+        plan = sampling_plan(self.schedule, sampler, steps, **sampler_options)
+        if init_image is None:
+            x = plan.initial_latents(latents)
+        else:
+            z0 = self.encode_image(to_image_tensor(init_image, height, width)).float()
+            z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
+            plan = plan.truncate(1.0 if strength is None else strength)
+            x = plan.add_noise(z0, latents)
+            if mask is not None:
+                m = to_image_tensor(mask, height, width).mean(dim=1, keepdim=True)
+                m = F.interpolate(m, size=shape[-2:], mode="nearest").round().to(self.device)
+                denoiser = LatentBlend(denoiser, z0, m.expand(n, 1, *shape[-2:]))
+        z = plan(denoiser, x, extra_args=extra_args, callback=callback, generator=generators)
+        images = self.decode(z, decode_batch_size)
+        return images if output == "tensor" else to_pil(images)
