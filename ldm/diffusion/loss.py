@@ -1,0 +1,128 @@
+"""The denoising training loss as a small callable: `loss(net, z0, context) -> per-sample loss`.
+
+DESIGN.md pattern 4 (NVlabs/edm `EDMLoss`): timestep sampling, the regression target of the network's
+parameterization, and the weighting are arguments, so the Lightning system only calls it. Sources:
+- epsilon / v / x0 targets: Ho et al. 2020; Salimans & Ho 2022 (v); see `denoiser.training_target`.
+- timestep sampling: uniform (DDPM), logit-normal (Esser et al. 2024, SD3 Sec. 3.1), or given weights.
+- weighting: min-SNR-gamma (Hang et al. 2023, eq. 8-10), written for each target.
+- noise offset (Guttenberg 2023, "Diffusion with Offset Noise"): a per-channel constant added to the noise.
+- input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias"): the network sees
+  x_t built from a perturbed noise, the target keeps the original one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.denoiser import append_dims, canonical_prediction_type, training_target
+from ldm.diffusion.schedule import NoiseSchedule
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "weights")
+WEIGHTINGS = ("none", "min_snr")
+
+
+class DiffusionLoss:
+    """Sample t and noise, build x_t, regress the network output onto its target, weight per sample."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        timestep_weights: Sequence[float] | None = None,
+        weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
+    ):
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling={timestep_sampling!r}: expected one of {TIMESTEP_SAMPLINGS}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        T = schedule.num_train_timesteps
+        if self.prediction_type == "epsilon" and float(schedule.alphas_cumprod[-1]) == 0.0:
+            # At zero terminal SNR x_T holds no signal: an eps network cannot give z0 there (Lin et al. 2023).
+            raise ValueError("a zero-terminal-SNR schedule needs prediction_type v_prediction (or sample)")
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        if timestep_sampling == "weights":
+            if timestep_weights is None or len(timestep_weights) != T:
+                raise ValueError(f"timestep_sampling='weights' needs timestep_weights with {T} values")
+            w = torch.as_tensor(list(timestep_weights), dtype=torch.float64)
+            if (w < 0).any() or w.sum() <= 0:
+                raise ValueError("timestep_weights must be non-negative and not all zero")
+            self.timestep_probs = w / w.sum()
+        self.weighting, self.min_snr_gamma = weighting, min_snr_gamma
+        self.noise_offset, self.input_perturbation = noise_offset, input_perturbation
+
+    def sample_timesteps(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """n integer timesteps in [0, T) from the configured distribution."""
+        T = self.schedule.num_train_timesteps
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, T, (n,), device=device, generator=generator)
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
+            return (u * T).long().clamp(0, T - 1).to(device)
+        return torch.multinomial(self.timestep_probs, n, replacement=True, generator=generator).to(device)
+
+    def weight(self, t: Tensor) -> Tensor:
+        """Per-sample loss weight. min-SNR-gamma: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, and
+        min(SNR, gamma) for x0 (Hang et al. 2023): the same weighting of the x0 error for any target."""
+        if self.weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.schedule.snr(t.to(self.schedule.device)).to(t.device, torch.float32)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr.clamp(min=1e-12)
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
+
+    def __call__(
+        self,
+        net: Callable[..., Tensor],
+        z0: Tensor,
+        context: Any = None,
+        generator: torch.Generator | None = None,
+        **net_kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """(per-sample weighted MSE (B,), timesteps (B,)) for clean latents z0 and their conditioning."""
+        b = z0.shape[0]
+        t = self.sample_timesteps(b, z0.device, generator)
+        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+        if self.noise_offset:
+            offset = torch.randn((*z0.shape[:2], 1, 1), device=z0.device, dtype=z0.dtype, generator=generator)
+            noise = noise + self.noise_offset * offset
+        seen_noise = noise
+        if self.input_perturbation:
+            extra = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+            seen_noise = noise + self.input_perturbation * extra
+        alpha_t, sigma_t = self.schedule.vp_coefficients(t.to(self.schedule.device))
+        alpha_t = append_dims(alpha_t.to(z0.device, z0.dtype), z0.ndim)
+        sigma_t = append_dims(sigma_t.to(z0.device, z0.dtype), z0.ndim)
+        x_t = alpha_t * z0 + sigma_t * seen_noise
+        target = training_target(self.prediction_type, z0, noise, alpha_t, sigma_t)
+        output = net(x_t, t, context, **net_kwargs)
+        mse = (output.float() - target.float()).pow(2).mean(dim=tuple(range(1, z0.ndim)))
+        return mse * self.weight(t), t
+
+
+def loss_by_timestep_bucket(loss: Tensor, t: Tensor, num_train_timesteps: int, buckets: int = 10) -> dict:
+    """Mean loss per timestep range, {"t000-099": value, ...}: shows where in the chain a model is weak."""
+    width = num_train_timesteps // buckets
+    out = {}
+    index = (t // width).clamp(max=buckets - 1)
+    for k in index.unique().tolist():
+        lo, hi = k * width, (k + 1) * width - 1 if k < buckets - 1 else num_train_timesteps - 1
+        out[f"t{lo:03d}-{hi:03d}"] = loss[index == k].mean().detach()
+    return out

@@ -1,0 +1,118 @@
+"""The training loss: targets per parameterization, timestep sampling, min-SNR weights, noise offset,
+input perturbation, and the bucketed logging helper."""
+
+import pytest
+import torch
+
+from ldm.diffusion.denoiser import x0_to_eps, x0_to_v
+from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket
+from ldm.diffusion.schedule import NoiseSchedule
+
+SCHED = NoiseSchedule()
+
+
+def oracle(z0, prediction_type, schedule=SCHED):
+    """A network that knows z0 and so returns the exact target for any x_t."""
+
+    def net(x_t, t, context):
+        a, s = schedule.vp_coefficients(t)
+        a, s = a.float()[:, None, None, None], s.float()[:, None, None, None]
+        if prediction_type == "epsilon":
+            return x0_to_eps(z0, x_t, a, s)
+        if prediction_type == "v_prediction":
+            return x0_to_v(z0, x_t, a, s)
+        return z0
+
+    return net
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_oracle_network_has_zero_loss(prediction_type):
+    z0 = torch.randn(16, 4, 8, 8)
+    loss, t = DiffusionLoss(SCHED, prediction_type)(oracle(z0, prediction_type), z0)
+    assert loss.shape == t.shape == (16,)
+    assert loss.max() < 1e-6
+
+
+def test_wrong_target_has_loss():
+    z0 = torch.randn(16, 4, 8, 8)
+    loss, _ = DiffusionLoss(SCHED, "v_prediction")(oracle(z0, "epsilon"), z0)
+    assert loss.mean() > 1e-3
+
+
+def test_input_perturbation_shows_in_the_input_not_the_target():
+    z0 = torch.randn(64, 4, 8, 8)
+    loss, _ = DiffusionLoss(SCHED, "epsilon", input_perturbation=0.1)(oracle(z0, "epsilon"), z0)
+    # The oracle recovers the perturbed noise from x_t; the target is the original: error = 0.1 * N(0, 1).
+    assert loss.mean().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    seen = {}
+
+    def net(x_t, t, context):
+        seen["x"] = x_t
+        return torch.zeros_like(x_t)
+
+    z0 = torch.zeros(512, 4, 8, 8)
+    loss = DiffusionLoss(SCHED, "epsilon", noise_offset=0.5, timestep_sampling="weights",
+                         timestep_weights=[0.0] * 999 + [1.0])  # fmt: skip
+    loss(net, z0)
+    channel_means = seen["x"].mean(dim=(2, 3)) / SCHED.vp_coefficients(torch.tensor(999))[1].float()
+    assert channel_means.var().item() == pytest.approx(0.25 + 1 / 64, rel=0.15)
+
+
+def test_min_snr_weights_by_hand():
+    t = torch.tensor([0, 500, 999])
+    snr = SCHED.alphas_cumprod[t] / (1 - SCHED.alphas_cumprod[t])
+    gamma = 5.0
+    clipped = snr.clamp(max=gamma)
+    for ptype, expected in [
+        ("epsilon", clipped / snr),
+        ("v_prediction", clipped / (snr + 1)),
+        ("sample", clipped),
+    ]:
+        w = DiffusionLoss(SCHED, ptype, weighting="min_snr", min_snr_gamma=gamma).weight(t)
+        torch.testing.assert_close(w, expected.float())
+
+
+def test_timestep_samplings():
+    g = torch.Generator().manual_seed(0)
+    uniform = DiffusionLoss(SCHED).sample_timesteps(20000, torch.device("cpu"), g)
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean() - 499.5) < 10
+    ln = DiffusionLoss(SCHED, timestep_sampling="logit_normal").sample_timesteps(
+        20000, torch.device("cpu"), g
+    )
+    # Logit-normal(0, 1) puts ~68% of the mass in sigmoid(-1..1) = [0.269, 0.731].
+    inside = ((ln >= 269) & (ln < 731)).float().mean()
+    assert inside.item() == pytest.approx(0.683, abs=0.02)
+    w = [0.0] * 1000
+    w[10] = 1.0
+    fixed = DiffusionLoss(SCHED, timestep_sampling="weights", timestep_weights=w)
+    assert (fixed.sample_timesteps(100, torch.device("cpu"), g) == 10).all()
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="v_prediction"):
+        DiffusionLoss(NoiseSchedule(rescale_zero_terminal_snr=True), "epsilon")
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        DiffusionLoss(SCHED, timestep_sampling="cosine")
+    with pytest.raises(ValueError, match="weighting"):
+        DiffusionLoss(SCHED, weighting="p2")
+    with pytest.raises(ValueError, match="1000 values"):
+        DiffusionLoss(SCHED, timestep_sampling="weights", timestep_weights=[1.0])
+
+
+def test_zero_terminal_snr_v_loss_is_finite():
+    z0 = torch.randn(8, 4, 8, 8)
+    sched = NoiseSchedule(rescale_zero_terminal_snr=True)
+    w = [0.0] * 999 + [1.0]
+    loss, _ = DiffusionLoss(sched, "v_prediction", weighting="min_snr", timestep_sampling="weights",
+                            timestep_weights=w)(oracle(z0, "v_prediction", sched), z0)  # fmt: skip
+    assert torch.isfinite(loss).all() and loss.max() < 1e-6
+
+
+def test_loss_by_timestep_bucket():
+    loss = torch.tensor([1.0, 3.0, 10.0])
+    out = loss_by_timestep_bucket(loss, torch.tensor([5, 50, 999]), 1000, buckets=10)
+    assert out == {"t000-099": pytest.approx(2.0), "t900-999": pytest.approx(10.0)}
