@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 from ldm.checkpoints import (
     detect_format,
     fit_clip_keys,
+    infer_clip_text_config,
     load_diffusers_folder,
     load_single_file,
     save_diffusers_folder,
@@ -91,9 +92,7 @@ def load_pipeline(
         elif kind == "single_file":
             pipe = _load_single(root, use_ema, allow_pickle, prediction_type, tokenizer)
         else:
-            raise ValueError(
-                f"{root} is a training run; export it with its run's export step, then load the export"
-            )
+            pipe = _load_run(root, use_ema, prediction_type, tokenizer)
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -163,6 +162,54 @@ def _load_single(
         prediction_type or meta.get("prediction_type", "epsilon"),
         meta.get("sample_size"),
         tokenizer_source=tokenizer,
+    )
+
+
+def _run_files(path: Path) -> tuple[Path, Path | None]:
+    """(checkpoint, resolved config or None) for a run folder or a .ckpt (inside one, or alone)."""
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoints/last.ckpt in this run folder")
+    root = path if path.is_dir() else path.parent.parent
+    config = root / "config_resolved.yaml"
+    return ckpt, config if config.is_file() else None
+
+
+def _load_run(path: Path, use_ema: bool, prediction_type: str | None, tokenizer: str | None) -> Pipeline:
+    """A Pipeline from a LatentDiffusionSystem checkpoint (weights_only): architecture from the run's
+    resolved config when there is one, else read off the weights; EMA weights for the UNet when kept."""
+    from omegaconf import OmegaConf
+
+    ckpt_path, config_path = _run_files(path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    sd = ckpt["state_dict"]
+    parts = {p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in ("unet.", "autoencoder.")}
+    prefix = "conditioner.transformer."
+    text = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    if not parts["unet."] or not text:
+        raise ValueError(f"{ckpt_path} is not a text-conditioned latent diffusion run")
+    if use_ema and "ema" in ckpt:
+        parts["unet."].update(ckpt["ema"]["shadow"])
+    run_cfg = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path else {}
+    model = run_cfg.get("model", {})
+    unet_kwargs = {k: v for k, v in model.get("unet", {}).items() if not k.startswith("_")} or None
+    cond = model.get("conditioner", {})
+    tok = tokenizer or cond.get("tokenizer") or cond.get("version")
+    if tok is None:
+        raise ValueError(f"{ckpt_path}: no run config names the tokenizer; pass tokenizer=PATH")
+    vae_kwargs = infer_vae_kwargs(parts["autoencoder."], scale_factor=ckpt.get("scale_factor", 0.18215))
+    schedule = {k: v for k, v in model.get("schedule", {}).items() if not k.startswith("_")}
+    resolution = run_cfg.get("data", {}).get("resolution")
+    f = 2 ** (len(vae_kwargs["ch_mult"]) - 1)
+    return Pipeline(
+        build_unet(parts["unet."], unet_kwargs),
+        build_vae(parts["autoencoder."], vae_kwargs),
+        build_text_encoder(
+            text, cond.get("config") or infer_clip_text_config(text), tok, cond.get("layer", "last")
+        ),
+        NoiseSchedule(**schedule) if schedule else NoiseSchedule(),
+        prediction_type or ckpt.get("prediction_type") or model.get("prediction_type", "epsilon"),
+        sample_size=resolution // f if resolution else None,
     )
 
 

@@ -3,9 +3,8 @@
 A training run (DESIGN "Contracts") is Hydra's run folder holding `.hydra/config.yaml` and
 `checkpoints/last.ckpt`; `ldm_run` is returned for that folder and for a `.ckpt` inside its
 `checkpoints/`. A Lightning checkpoint copied elsewhere can only be recognised by its state-dict keys:
-`LDM_RUN_KEY_PREFIXES` is the hook for that, to be filled with the prefixes of our LightningModules
-(e.g. "unet.", "vae.") once the training system exists; while it is empty such a file reads as a
-single file.
+`LDM_RUN_KEY_PREFIXES` holds the prefixes of our LightningModules (LatentDiffusionSystem: "unet.",
+AutoencoderSystem: "autoencoder."), which no released single file uses.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from ldm.checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 CheckpointFormat = Literal["diffusers", "single_file", "ldm_run"]
 
 # Hook: state-dict key prefixes that only our training system's Lightning checkpoints have.
-LDM_RUN_KEY_PREFIXES: tuple[str, ...] = ()
+LDM_RUN_KEY_PREFIXES: tuple[str, ...] = ("unet.", "autoencoder.")
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:

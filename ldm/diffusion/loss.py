@@ -64,16 +64,22 @@ class DiffusionLoss:
         self.noise_offset, self.input_perturbation = noise_offset, input_perturbation
 
     def sample_timesteps(
-        self, n: int, device: torch.device, generator: torch.Generator | None = None
+        self, n: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> Tensor:
-        """n integer timesteps in [0, T) from the configured distribution."""
+        """n integer timesteps in [0, T) from the configured distribution (drawn on the generator's device,
+        so a CPU generator gives the same draws whatever device trains)."""
         T = self.schedule.num_train_timesteps
+        where = generator.device if generator is not None else torch.device("cpu")
         if self.timestep_sampling == "uniform":
-            return torch.randint(0, T, (n,), device=device, generator=generator)
-        if self.timestep_sampling == "logit_normal":
-            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
-            return (u * T).long().clamp(0, T - 1).to(device)
-        return torch.multinomial(self.timestep_probs, n, replacement=True, generator=generator).to(device)
+            t = torch.randint(0, T, (n,), device=where, generator=generator)
+        elif self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(
+                self.logit_mean + self.logit_std * torch.randn(n, device=where, generator=generator)
+            )
+            t = (u * T).long().clamp(0, T - 1)
+        else:
+            t = torch.multinomial(self.timestep_probs.to(where), n, replacement=True, generator=generator)
+        return t.to(device)
 
     def weight(self, t: Tensor) -> Tensor:
         """Per-sample loss weight. min-SNR-gamma: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, and
@@ -99,14 +105,17 @@ class DiffusionLoss:
         """(per-sample weighted MSE (B,), timesteps (B,)) for clean latents z0 and their conditioning."""
         b = z0.shape[0]
         t = self.sample_timesteps(b, z0.device, generator)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+        where = generator.device if generator is not None else z0.device
+
+        def randn(shape: tuple[int, ...]) -> Tensor:
+            return torch.randn(shape, device=where, generator=generator).to(z0.device, z0.dtype)
+
+        noise = randn(tuple(z0.shape))
         if self.noise_offset:
-            offset = torch.randn((*z0.shape[:2], 1, 1), device=z0.device, dtype=z0.dtype, generator=generator)
-            noise = noise + self.noise_offset * offset
+            noise = noise + self.noise_offset * randn((*z0.shape[:2], 1, 1))
         seen_noise = noise
         if self.input_perturbation:
-            extra = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-            seen_noise = noise + self.input_perturbation * extra
+            seen_noise = noise + self.input_perturbation * randn(tuple(z0.shape))
         alpha_t, sigma_t = self.schedule.vp_coefficients(t.to(self.schedule.device))
         alpha_t = append_dims(alpha_t.to(z0.device, z0.dtype), z0.ndim)
         sigma_t = append_dims(sigma_t.to(z0.device, z0.dtype), z0.ndim)

@@ -1,0 +1,495 @@
+"""LAION-style WebDataset shards (img2dataset layout) as a stream of batches, and its DataModule.
+
+Each DataLoader worker runs webdataset's stages (tmbdev/webdataset `wds.WebDataset`), with the pitfalls
+from its issue tracker handled (node splitting for world_size > 1, fewer shards than workers #188, uneven
+ranks #225, per-worker `with_epoch` #303, ranks resampling the same shards):
+
+    shards of each source -> split by rank and worker (finite) or drawn per rank and worker (resampled)
+    -> tar members grouped by key -> mix sources by weight -> shuffle raw bytes -> parse, filter, decode,
+    transform (`filters.SampleProcessor`) -> batch, within a bucket if bucketing -> collate
+
+Sample layout (img2dataset): `{key}.jpg|jpeg|png|webp`, `{key}.txt` (caption), `{key}.json` (width,
+height, original_width, original_height, similarity, pwatermark, punsafe, ...); optionally a label member
+such as `{key}.cls` (`label_key`). Batches follow the data contract: "image" (B, 3, H, W) in [-1, 1],
+"caption", "original_size" (B, 2) = (h, w), "crop_coords" (B, 2) = (top, left), "key", optional
+"label", plus "skipped" (reason -> count since the worker's previous batch; see `ldm.data.stats`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import warnings
+import weakref
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls as _wds_expand_urls
+from webdataset.tariterators import tarfile_samples
+
+from ldm.data.bucketing import AspectBuckets, BucketBatcher
+from ldm.data.filters import FilterConfig, SampleProcessor
+from ldm.data.stats import SkipCounter, accumulate
+from ldm.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+# Marks the last item of a worker's finite stream when it only carries skip counts (no samples came
+# after its last batch); `WebLoader` absorbs it, so training code never sees it.
+STATS_ONLY = "_stats_only"
+
+UrlSpec = str | Sequence[str]
+
+
+def expand_urls(urls: UrlSpec) -> list[str]:
+    """Shard URLs from a brace pattern ("/data/{00000..00099}.tar"), a "::"-joined string, or a list of
+    either; local paths, `pipe:` commands and anything else webdataset's `gopen` opens."""
+    if isinstance(urls, str):
+        return list(_wds_expand_urls(urls))
+    return [u for item in urls for u in expand_urls(item if isinstance(item, str) else list(item))]
+
+
+def parse_sources(urls: UrlSpec | Sequence[UrlSpec], weights: Sequence[float] | None) -> list[list[str]]:
+    """One shard list per source: `urls` is one source, or, when `weights` is given, a list of sources
+    (each a pattern or a list of URLs) mixed with those sampling probabilities."""
+    if weights is None:
+        sources = [expand_urls(urls)]
+    else:
+        if isinstance(urls, str) or len(urls) != len(weights):
+            raise ValueError("with `weights`, `urls` must list one source (pattern or list) per weight")
+        if any(float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
+            raise ValueError(f"weights must be non-negative and not all zero, got {list(weights)}")
+        sources = [expand_urls(u) for u in urls]
+    for i, source in enumerate(sources):
+        if not source:
+            raise ValueError(f"source {i} of {urls!r} expands to no shards")
+    return sources
+
+
+def split_plan(
+    n_shards: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[tuple[int, int, int]]:
+    """What one worker of one rank reads in finite mode, as (shard index, modulus, residue): it keeps the
+    j-th sample of that shard when j % modulus == residue. Over all ranks and workers every sample is
+    kept exactly once.
+
+    With enough shards, whole shards are split (webdataset's split_by_node + split_by_worker). With fewer
+    shards than ranks x workers, webdataset leaves workers with nothing, and a rank without data hangs
+    DDP (webdataset #188); here the shards are split by rank where possible and then by sample within
+    each shard, so every worker gets data at the cost of reading shards more than once.
+    """
+    total, gid = world_size * num_workers, rank * num_workers + worker
+    if n_shards >= total:
+        return [(i, 1, 0) for i in range(gid, n_shards, total)]
+    if n_shards >= world_size:
+        mine = range(rank, n_shards, world_size)
+        # Offsetting the residue by the shard's position spreads each shard's remainder over the workers.
+        return [(i, num_workers, (worker - pos) % num_workers) for pos, i in enumerate(mine)]
+    return [(i, total, (gid - i) % total) for i in range(n_shards)]
+
+
+def read_shard(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples (member suffix -> bytes, plus "__key__" and "__url__") of one tar shard; an unreadable
+    or truncated shard is logged, counted as "shard_error", and ends early instead of raising."""
+
+    errors = 0
+
+    def handler(exn: Exception) -> bool:
+        nonlocal errors
+        errors += 1
+        if errors == 1:  # one broken shard raises at several levels (member, header, stream): count it once
+            counter.add("shard_error")
+        log.warning("skipping unreadable shard data in %s: %r", url, exn)
+        return True  # continue with the next member / shard
+
+    yield from tarfile_samples([{"url": url}], handler=handler)
+
+
+def finite_samples(urls: list[str], plan: list[tuple[int, int, int]], counter: SkipCounter) -> Iterator[dict]:
+    """One pass over this worker's share of `urls` (see `split_plan`)."""
+    for index, modulus, residue in plan:
+        for j, sample in enumerate(read_shard(urls[index], counter)):
+            if j % modulus == residue:
+                yield sample
+
+
+def resampled_samples(urls: list[str], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
+    """An endless stream: shards drawn with replacement by `rng` (seeded per rank and worker, so ranks
+    draw different shards; webdataset's ResampledShards is not deterministic by default)."""
+    empty_in_a_row, limit = 0, max(16, 2 * len(urls))
+    while True:
+        n = 0
+        for sample in read_shard(rng.choice(urls), counter):
+            n += 1
+            yield sample
+        empty_in_a_row = 0 if n else empty_in_a_row + 1
+        if empty_in_a_row >= limit:  # all shards broken or empty: fail loudly rather than spin forever
+            raise RuntimeError(f"{empty_in_a_row} shards in a row gave no samples (first shard: {urls[0]})")
+
+
+def mix(streams: list[Iterator[dict]], weights: Sequence[float], rng: random.Random) -> Iterator[dict]:
+    """Draw each sample from a source chosen with probability proportional to its weight (webdataset
+    `RandomMix`); an exhausted source leaves the mix, so a finite mix yields every sample once."""
+    streams, weights = list(streams), [float(w) for w in weights]
+    while streams:
+        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            del streams[i], weights[i]
+
+
+def shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer over raw (still encoded) samples: shuffling before decoding keeps
+    the buffer small in memory (webdataset's advice)."""
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        k = rng.randrange(bufsize)
+        yield buf[k]
+        buf[k] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def collate(samples: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
+    """Stack processed samples (all of one size) into a batch of the data contract."""
+    batch: dict[str, Any] = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+        "crop_coords": torch.tensor([s["crop_coords"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+        "skipped": skipped,
+    }
+    if all("label" in s for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch
+
+
+class WebImageDataset(IterableDataset):
+    """The per-worker pipeline; yields collated batches (batching happens in the workers, so the
+    DataLoader runs with batch_size=None). `rank` / `world_size` are resolved in the main process by the
+    DataModule, because a DataLoader worker may not see the initialised process group."""
+
+    def __init__(
+        self,
+        sources: list[list[str]],
+        processor: SampleProcessor,
+        batch_size: int,
+        *,
+        weights: Sequence[float] | None = None,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.sources, self.processor, self.batch_size = sources, processor, batch_size
+        self.weights = list(weights) if weights is not None else [1.0] * len(sources)
+        self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._iters = 0  # iterations started in this process: persistent workers never see set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shuffling and augmentation for a new pass (called by `WebLoader` before it starts)."""
+        self.epoch = epoch
+
+    def _rng(self, epoch: int, *parts: Any) -> random.Random:
+        """A generator seeded from the config seed, the epoch and `parts` (string seeds are hashed with
+        SHA-512 by `random`, so they are the same in every process whatever PYTHONHASHSEED is)."""
+        return random.Random("/".join(str(p) for p in (self.seed, epoch, *parts)))
+
+    def _raw_samples(self, epoch: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+        """Raw samples of every source for this worker, mixed by weight."""
+        streams = []
+        for s, urls in enumerate(self.sources):
+            if self.resampled:
+                rng = self._rng(epoch, "shards", s, self.rank, worker)
+                streams.append(resampled_samples(urls, rng, counter))
+                continue
+            if self.shuffle_buffer > 1:
+                # The same order on every rank and worker (no rank in the seed), so the split stays exact.
+                urls = list(urls)
+                self._rng(epoch, "shard-order", s).shuffle(urls)
+            plan = split_plan(len(urls), self.rank, self.world_size, worker, num_workers)
+            streams.append(finite_samples(urls, plan, counter))
+        return mix(streams, self.weights, self._rng(epoch, "mix", self.rank, worker))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches for this worker; a finite stream ends with any skip counts not yet reported."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch + self._iters
+        self._iters += 1
+        counter = SkipCounter()
+        samples = self._raw_samples(epoch, worker, num_workers, counter)
+        if self.shuffle_buffer > 1:
+            samples = shuffle(samples, self.shuffle_buffer, self._rng(epoch, "shuffle", self.rank, worker))
+        aug_rng = self._rng(epoch, "augment", self.rank, worker)
+        batcher = BucketBatcher(self.batch_size)  # without bucketing every sample has the same "bucket"
+        for raw in samples:
+            out = self.processor(raw, aug_rng)
+            if isinstance(out, str):
+                counter.add(out)
+                continue
+            full = batcher.add(out["bucket"], out)
+            if full is not None:
+                yield collate(full, counter.take())
+        for partial in batcher.flush():  # only reached by finite streams
+            yield collate(partial, counter.take())
+        if counter:
+            yield {"skipped": counter.take(), STATS_ONLY: True}
+
+
+def _absorb_skip_counts(batches: Iterator[dict[str, Any]], counts: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Add each item's "skipped" counts to `counts` and pass on the items that are batches."""
+    for item in batches:
+        accumulate(counts, item.get("skipped"))
+        if not item.get(STATS_ONLY):
+            yield item
+
+
+class WebLoader(DataLoader):
+    """A DataLoader over `WebImageDataset` that moves each batch's skip counts into `skip_counts` (in the
+    main process) and drops the stats-only items.
+
+    In resampled mode with `steps_per_epoch`, one endless stream lives across epochs and each epoch is the
+    next `steps_per_epoch` batches of it: the epoch length sits on the loader, after batching, because
+    webdataset's `with_epoch` on the dataset counts per worker (webdataset #303), and every rank yields
+    the same number of batches, so collectives cannot deadlock on uneven ranks (#225).
+    """
+
+    def __init__(
+        self,
+        dataset: WebImageDataset,
+        *,
+        num_workers: int = 0,
+        skip_counts: Counter[str] | None = None,
+        steps_per_epoch: int | None = None,
+        start_epoch: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=None,  # the dataset batches (within buckets), the loader only moves batches
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+        self.skip_counts = skip_counts if skip_counts is not None else Counter()
+        self.steps_per_epoch = steps_per_epoch
+        self._epoch = start_epoch
+        self._live: Iterator[dict[str, Any]] | None = None
+
+    def _fresh(self) -> Iterator[dict[str, Any]]:
+        """Start a new pass of the dataset (workers fork now, with the new epoch)."""
+        self.dataset.set_epoch(self._epoch)
+        self._epoch += 1
+        # The generator must not reference the loader: a loader <-> generator cycle is freed only by the
+        # garbage collector, whose shutdown of the workers waits out a 5 s timeout per worker.
+        return _absorb_skip_counts(super().__iter__(), self.skip_counts)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch: a full pass (finite) or the next `steps_per_epoch` batches of the live stream."""
+        if self.steps_per_epoch is None:
+            yield from self._fresh()
+            return
+        if self._live is None:
+            self._live = self._fresh()
+        yield from islice(self._live, self.steps_per_epoch)
+
+    def close(self) -> None:
+        """End the live stream, shutting its worker processes down now rather than whenever the garbage
+        collector breaks the loader <-> generator reference cycle."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    def __len__(self) -> int:
+        """Batches per epoch, known only in resampled mode with an epoch size (TypeError otherwise, which
+        Lightning reads as "length unknown")."""
+        if self.steps_per_epoch is None:
+            raise TypeError("a finite or unbounded WebLoader has no length")
+        return self.steps_per_epoch
+
+
+def _plain(x: Any) -> Any:
+    """Hydra's ListConfig / DictConfig as plain lists / dicts, so datasets stay simple to pickle."""
+    if isinstance(x, ListConfig | DictConfig):
+        return OmegaConf.to_container(x, resolve=True)
+    return x
+
+
+def resolve_rank(
+    rank: int | None = None, world_size: int | None = None, trainer: pl.Trainer | None = None
+) -> tuple[int, int]:
+    """(rank, world_size) for splitting shards: explicit arguments, else the attached Trainer, else an
+    initialised torch.distributed, else the RANK / WORLD_SIZE environment variables (set by torchrun),
+    else (0, 1). Unlike webdataset's default node splitter this never refuses world_size > 1."""
+    if rank is None or world_size is None:
+        if trainer is not None:
+            rank, world_size = trainer.global_rank, trainer.world_size
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+class WebDataModule(pl.LightningDataModule):
+    """LightningDataModule for img2dataset WebDataset shards (configs/data/webdataset.yaml).
+
+    Training reads `urls` resampled (endless; `epoch_size` samples over all ranks or `epoch_steps`
+    batches per rank make an epoch, else train with `max_steps`) or, with `resampled=False`, as finite
+    passes where each sample is seen once per epoch across all ranks and workers. Validation reads
+    `val_urls` once, in order, center-cropped and unflipped. In finite mode ranks can get different batch
+    counts; under DDP keep validation metrics rank-local or set `limit_val_batches`.
+
+    Skipped samples: `skip_counts` (training) and `val_skip_counts` are running Counters reason -> count,
+    updated as batches arrive; each batch's own counts are in `batch["skipped"]`. A system logs them with
+    `self.log_dict(skip_log_dict(self.trainer.datamodule.skip_counts), reduce_fx="sum", sync_dist=True)`.
+    """
+
+    def __init__(
+        self,
+        urls: UrlSpec | Sequence[UrlSpec],
+        val_urls: UrlSpec | Sequence[UrlSpec] | None = None,
+        weights: Sequence[float] | None = None,
+        val_weights: Sequence[float] | None = None,
+        resolution: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        epoch_size: int | None = None,
+        epoch_steps: int | None = None,
+        random_crop: bool = False,
+        random_flip: bool = True,
+        filters: dict[str, Any] | FilterConfig | None = None,
+        bucketing: dict[str, Any] | None = None,
+        label_key: str | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if epoch_size is not None and epoch_steps is not None:
+            raise ValueError("give epoch_size (samples, all ranks) or epoch_steps (batches per rank)")
+        if not resampled and (epoch_size is not None or epoch_steps is not None):
+            warnings.warn(
+                "epoch_size / epoch_steps apply to resampled streams; an epoch is one pass", stacklevel=2
+            )
+        urls, val_urls, weights, val_weights = map(_plain, (urls, val_urls, weights, val_weights))
+        self.sources = parse_sources(urls, weights)
+        self.val_sources = parse_sources(val_urls, val_weights) if val_urls else None
+        self.weights, self.val_weights = weights, val_weights
+        self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
+        self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.epoch_size, self.epoch_steps = epoch_size, epoch_steps
+        self.random_crop, self.random_flip, self.label_key = random_crop, random_flip, label_key
+        self.filters = FilterConfig.from_dict(filters)
+        self.buckets = AspectBuckets.from_config(dict(bucketing), resolution) if bucketing else None
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.rank, self.world_size = rank, world_size
+        self.skip_counts: Counter[str] = Counter()
+        self.val_skip_counts: Counter[str] = Counter()
+        self._loaders: weakref.WeakSet[WebLoader] = weakref.WeakSet()  # to close live streams on teardown
+
+    def steps_per_epoch(self, world_size: int = 1) -> int | None:
+        """Batches per rank per training epoch in resampled mode (None: finite or unbounded)."""
+        if not self.resampled:
+            return None
+        if self.epoch_steps is not None:
+            return int(self.epoch_steps)
+        if self.epoch_size is not None:
+            return max(1, math.ceil(self.epoch_size / (self.batch_size * world_size)))
+        return None
+
+    def _loader(self, sources: list[list[str]], weights: Any, train: bool, counts: Counter[str]) -> WebLoader:
+        """A WebLoader for training (resampling / shuffling / augmenting as configured) or evaluation."""
+        trainer = self.trainer if self.rank is None else None
+        rank, world_size = resolve_rank(self.rank, self.world_size, trainer)
+        resampled = self.resampled and train
+        if train and not resampled and world_size > 1:
+            warnings.warn(
+                "finite training epochs under DDP: ranks can get different numbers of batches, and a rank "
+                "that finishes early leaves the others waiting in all-reduce; prefer resampled=true with "
+                "epoch_size",
+                stacklevel=2,
+            )
+        if not resampled:
+            workers = max(1, self.num_workers)
+            for i, urls in enumerate(sources):
+                if len(urls) < world_size * workers:
+                    warnings.warn(
+                        f"source {i} has {len(urls)} shard(s) for {world_size} rank(s) x {workers} "
+                        "worker(s): splitting by sample, so shards are read more than once; write at least "
+                        "ranks x workers shards to avoid this",
+                        stacklevel=2,
+                    )
+        processor = SampleProcessor(
+            self.filters,
+            ImageTransform(self.resolution, self.random_crop and train, self.random_flip and train),
+            self.buckets,
+            self.label_key,
+        )
+        dataset = WebImageDataset(
+            sources,
+            processor,
+            self.batch_size,
+            weights=weights,
+            resampled=resampled,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        # A resumed run starts from its restored step, so it does not replay the samples of the first run.
+        start = int(getattr(self.trainer, "global_step", 0) or 0) if train else 0
+        loader = WebLoader(
+            dataset,
+            num_workers=self.num_workers,
+            skip_counts=counts,
+            steps_per_epoch=self.steps_per_epoch(world_size) if train else None,
+            start_epoch=start,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+        self._loaders.add(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the worker processes of live resampled streams (Lightning calls this after fit)."""
+        for loader in list(self._loaders):
+            loader.close()
+        self._loaders.clear()
+
+    def train_dataloader(self) -> WebLoader:
+        """The training stream over `urls`."""
+        return self._loader(self.sources, self.weights, True, self.skip_counts)
+
+    def val_dataloader(self) -> WebLoader | list:
+        """One ordered pass over `val_urls` ([] when there are none, which Lightning treats as no
+        validation)."""
+        if self.val_sources is None:
+            return []
+        return self._loader(self.val_sources, self.val_weights, False, self.val_skip_counts)

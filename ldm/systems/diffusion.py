@@ -1,0 +1,210 @@
+"""`LatentDiffusionSystem`: stage two of LDM (Rombach et al. 2022) as a thin LightningModule.
+
+`training_step` reads like the paper: encode images with the frozen autoencoder (scaled latents), embed
+captions with the frozen conditioner (dropping some to the empty caption for classifier-free guidance, Ho &
+Salimans 2022), and call the loss (ldm.diffusion.loss) on the UNet. The math lives elsewhere; this wires
+it, keeps an EMA of the UNet (in the checkpoint; used for validation and export) and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.nn.autoencoder import AutoencoderKL
+from ldm.nn.ema import EMA
+from ldm.nn.unet import UNetModel
+
+
+class LatentDiffusionSystem(pl.LightningModule):
+    """Trainable UNet in the latent space of a frozen autoencoder, conditioned by a frozen conditioner."""
+
+    def __init__(
+        self,
+        unet: UNetModel,
+        autoencoder: AutoencoderKL,
+        conditioner: nn.Module,
+        schedule: NoiseSchedule,
+        loss: Callable[..., DiffusionLoss],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        prediction_type: str = "epsilon",
+        cond_key: str = "caption",
+        ucg_rate: float = 0.1,
+        ema: dict | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        init_from: str | None = None,
+        sample_posterior: bool = True,
+        log_buckets_every_n_steps: int = 100,
+    ):
+        super().__init__()
+        if not 0.0 <= ucg_rate < 1.0:
+            raise ValueError(f"model.ucg_rate={ucg_rate}: must be in [0, 1)")
+        if unet.context_dim is not None and getattr(conditioner, "output_dim", None) not in (
+            None,
+            unet.context_dim,
+        ):
+            raise ValueError(
+                f"model.unet.context_dim={unet.context_dim}, conditioner output_dim={conditioner.output_dim}"
+            )
+        if unet.in_channels != autoencoder.embed_dim:
+            raise ValueError(
+                f"model.unet.in_channels={unet.in_channels} != autoencoder latents {autoencoder.embed_dim}"
+            )
+        self.unet, self.autoencoder, self.conditioner = unet, autoencoder, conditioner
+        self.autoencoder.requires_grad_(False).eval()
+        self.conditioner.requires_grad_(False).eval()
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.loss_fn = loss(schedule=schedule, prediction_type=prediction_type)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.cond_key, self.ucg_rate = cond_key, ucg_rate
+        self.sample_posterior = sample_posterior
+        self.log_buckets_every_n_steps = log_buckets_every_n_steps
+        if gradient_checkpointing:
+            self.unet.set_gradient_checkpointing(True)
+        if init_from:
+            self.load_weights_from(init_from)
+        self.ema = EMA(self.unet, **ema) if ema else None
+        # Compiled forward kept outside the module tree, so state-dict keys stay the original ones.
+        object.__setattr__(self, "_unet_forward", torch.compile(self.unet) if compile else self.unet)
+
+    # ------------------------------------------------------------------ frozen parts
+    def train(self, mode: bool = True) -> LatentDiffusionSystem:
+        """Only the UNet trains; the autoencoder and conditioner stay in eval (no dropout, frozen norms)."""
+        super().train(mode)
+        self.autoencoder.eval()
+        self.conditioner.eval()
+        return self
+
+    def load_weights_from(self, path: str) -> None:
+        """Initialize UNet, autoencoder and text encoder from anything `ldm.load_pipeline` reads."""
+        from ldm.pipeline_io import load_pipeline
+
+        pipe = load_pipeline(path)
+        self.unet.load_state_dict(pipe.unet.state_dict())
+        self.autoencoder.load_state_dict(pipe.vae.state_dict())
+        self.autoencoder.scale_factor = pipe.vae.scale_factor
+        if hasattr(self.conditioner, "transformer"):
+            self.conditioner.load_state_dict(pipe.text_encoder.state_dict())
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> scaled latents z0, in fp32 whatever the autocast (SD's VAE overflows fp16)."""
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = self.autoencoder.encode(images.float())
+            z = posterior.sample() if self.sample_posterior else posterior.mode()
+        return z * self.autoencoder.scale_factor
+
+    def conditioning(self, batch: dict, drop: bool) -> Tensor:
+        """Cross-attention context; with `drop`, each sample's condition becomes the unconditional one with
+        probability ucg_rate (caption "" / the null class), which classifier-free guidance needs."""
+        cond = batch[self.cond_key]
+        n = len(cond)
+        with torch.no_grad():
+            if drop and self.ucg_rate > 0:
+                keep = torch.rand(n) >= self.ucg_rate
+                if isinstance(cond, Tensor):
+                    null = self.conditioner.unconditional(n)  # context of the null condition
+                    context = self.conditioner(cond.to(self.device))
+                    return torch.where(keep.to(self.device)[:, None, None], context, null.to(context))
+                cond = [c if k else "" for c, k in zip(cond, keep.tolist())]
+            return self.conditioner(cond if isinstance(cond, list) else cond.to(self.device))
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        z0 = self.encode(batch["image"])
+        context = self.conditioning(batch, drop=True)
+        loss, t = self.loss_fn(self._unet_forward, z0, context.to(z0.dtype))
+        mean = loss.mean()
+        self.log("train/loss", mean, prog_bar=True, batch_size=z0.shape[0])
+        if self.log_buckets_every_n_steps and self.global_step % self.log_buckets_every_n_steps == 0:
+            buckets = loss_by_timestep_bucket(loss, t, self.schedule.num_train_timesteps)
+            self.log_dict({f"train/loss_{k}": v for k, v in buckets.items()}, batch_size=z0.shape[0])
+        if "skipped" in batch:
+            skipped = batch["skipped"]
+            for reason, count in skipped.items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
+        return mean
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Right after each optimizer step (also with gradient accumulation): update the EMA."""
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The UNet holds the EMA weights inside the block (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.average_parameters(self.unet):
+            yield
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch (a CPU generator, the same on any device): the validation
+        # loss of one evaluation is comparable with the next.
+        g = torch.Generator().manual_seed(batch_idx)
+        with self.ema_weights():
+            z0 = self.encode(batch["image"])
+            context = self.conditioning(batch, drop=False)
+            loss, _ = self.loss_fn(self.unet, z0, context.to(z0.dtype), generator=g)
+        self.log("val/loss", loss.mean(), prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The latent scale is an attribute, not a weight: keep it with the weights so the run loads alone.
+        checkpoint["scale_factor"] = float(self.autoencoder.scale_factor)
+        checkpoint["prediction_type"] = self.prediction_type
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ------------------------------------------------------------------ sampling and export
+    def to_pipeline(self, use_ema: bool = True):
+        """A sampling Pipeline sharing this system's modules (EMA weights copied in when asked)."""
+        import copy
+
+        from ldm.pipeline import Pipeline
+
+        unet = copy.deepcopy(self.unet)
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(unet)
+        return Pipeline(
+            unet.eval(),
+            self.autoencoder,
+            self.conditioner,
+            self.schedule.to(device=self.device),
+            self.prediction_type,
+            sample_size=getattr(self, "sample_size", None),
+            tokenizer_source=getattr(self.conditioner, "tokenizer_source", None),
+        )
+
+    def export(
+        self, path: str | Path, datamodule: Any = None, trainer: pl.Trainer | None = None
+    ) -> Path | None:
+        """Write the EMA model as our pipeline folder (loads with `ldm.load_pipeline` / `sample.py`)."""
+        if trainer is not None and not trainer.is_global_zero:
+            return None
+        if datamodule is not None and hasattr(datamodule, "resolution"):
+            self.sample_size = int(datamodule.resolution) // self.autoencoder.downsampling_factor
+        return self.to_pipeline().save(path, format="ldm")

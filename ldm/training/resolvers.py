@@ -1,0 +1,32 @@
+"""OmegaConf resolvers the configs use (registered once by `register_resolvers`)."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+
+def wandb_offline() -> bool:
+    """wandb runs offline unless an API key is set or WANDB_MODE says online: no run blocks on a login."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online":
+        return False
+    return not os.environ.get("WANDB_API_KEY")
+
+
+def asset(name: str) -> str:
+    """Path of a file shipped in the package (ldm/assets/NAME), e.g. the digits autoencoder."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "assets" / name)
+
+
+def register_resolvers() -> None:
+    """Make `${ldm.wandb_offline:}` and `${ldm.asset:NAME}` available to Hydra configs; safe to call twice."""
+    if not OmegaConf.has_resolver("ldm.wandb_offline"):
+        OmegaConf.register_new_resolver("ldm.wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("ldm.asset"):
+        OmegaConf.register_new_resolver("ldm.asset", asset)

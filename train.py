@@ -1,0 +1,47 @@
+"""Train a model: `python train.py [experiment=NAME] [key=value ...]` (configs/train.yaml).
+
+Compose the config, build data, model, callbacks, loggers and trainer from it, fit (resuming from
+`ckpt_path` when given), then export the trained weights to <run>/export in a form that the next stage
+or `sample.py` loads by path. The run folder is Hydra's (`hydra.run.dir=...`); it holds
+`.hydra/config.yaml` (the resolved config) and `checkpoints/last.ckpt`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.training.resolvers import register_resolvers
+
+register_resolvers()
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every entry of a group such as `callbacks` or `logger` (null entries are dropped)."""
+    return [hydra.utils.instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True)
+    # Resolved as well as Hydra's raw .hydra/config.yaml: ldm.load_pipeline rebuilds the model from it.
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml", resolve=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks, loggers = instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    if cfg.export and hasattr(model, "export") and not trainer.fast_dev_run:
+        out = Path(cfg.paths.output_dir) / "export"
+        model.export(out, datamodule=datamodule, trainer=trainer)
+        if trainer.is_global_zero:
+            print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    main()
