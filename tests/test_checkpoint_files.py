@@ -343,3 +343,13 @@ def test_maps_are_consistent_with_the_modules(tiny):
     fitted, leftover = fit_clip_keys(tiny.text, tiny.text_module.state_dict().keys())
     assert not leftover
     tiny.text_module.load_state_dict(fitted, strict=True)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    """Files written through a private temporary file end up with the umask's permissions, not 0600."""
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "f.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -32,149 +32,26 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import tarfile_samples
 
 from ldm.data.bucketing import AspectBuckets, BucketBatcher
 from ldm.data.filters import FilterConfig, SampleProcessor
 from ldm.data.stats import SkipCounter, accumulate
+from ldm.data.streams import (  # noqa: F401 - re-exported: the stream pieces are part of this module's API
+    STATS_ONLY,
+    UrlSpec,
+    collate,
+    expand_urls,
+    finite_samples,
+    mix,
+    parse_sources,
+    read_shard,
+    resampled_samples,
+    shuffle,
+    split_plan,
+)
 from ldm.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
-
-# Marks the last item of a worker's finite stream when it only carries skip counts (no samples came
-# after its last batch); `WebLoader` absorbs it, so training code never sees it.
-STATS_ONLY = "_stats_only"
-
-UrlSpec = str | Sequence[str]
-
-
-def expand_urls(urls: UrlSpec) -> list[str]:
-    """Shard URLs from a brace pattern ("/data/{00000..00099}.tar"), a "::"-joined string, or a list of
-    either; local paths, `pipe:` commands and anything else webdataset's `gopen` opens."""
-    if isinstance(urls, str):
-        return list(_wds_expand_urls(urls))
-    return [u for item in urls for u in expand_urls(item if isinstance(item, str) else list(item))]
-
-
-def parse_sources(urls: UrlSpec | Sequence[UrlSpec], weights: Sequence[float] | None) -> list[list[str]]:
-    """One shard list per source: `urls` is one source, or, when `weights` is given, a list of sources
-    (each a pattern or a list of URLs) mixed with those sampling probabilities."""
-    if weights is None:
-        sources = [expand_urls(urls)]
-    else:
-        if isinstance(urls, str) or len(urls) != len(weights):
-            raise ValueError("with `weights`, `urls` must list one source (pattern or list) per weight")
-        if any(float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
-            raise ValueError(f"weights must be non-negative and not all zero, got {list(weights)}")
-        sources = [expand_urls(u) for u in urls]
-    for i, source in enumerate(sources):
-        if not source:
-            raise ValueError(f"source {i} of {urls!r} expands to no shards")
-    return sources
-
-
-def split_plan(
-    n_shards: int, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[tuple[int, int, int]]:
-    """What one worker of one rank reads in finite mode, as (shard index, modulus, residue): it keeps the
-    j-th sample of that shard when j % modulus == residue. Over all ranks and workers every sample is
-    kept exactly once.
-
-    With enough shards, whole shards are split (webdataset's split_by_node + split_by_worker). With fewer
-    shards than ranks x workers, webdataset leaves workers with nothing, and a rank without data hangs
-    DDP (webdataset #188); here the shards are split by rank where possible and then by sample within
-    each shard, so every worker gets data at the cost of reading shards more than once.
-    """
-    total, gid = world_size * num_workers, rank * num_workers + worker
-    if n_shards >= total:
-        return [(i, 1, 0) for i in range(gid, n_shards, total)]
-    if n_shards >= world_size:
-        mine = range(rank, n_shards, world_size)
-        # Offsetting the residue by the shard's position spreads each shard's remainder over the workers.
-        return [(i, num_workers, (worker - pos) % num_workers) for pos, i in enumerate(mine)]
-    return [(i, total, (gid - i) % total) for i in range(n_shards)]
-
-
-def read_shard(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Raw samples (member suffix -> bytes, plus "__key__" and "__url__") of one tar shard; an unreadable
-    or truncated shard is logged, counted as "shard_error", and ends early instead of raising."""
-
-    errors = 0
-
-    def handler(exn: Exception) -> bool:
-        nonlocal errors
-        errors += 1
-        if errors == 1:  # one broken shard raises at several levels (member, header, stream): count it once
-            counter.add("shard_error")
-        log.warning("skipping unreadable shard data in %s: %r", url, exn)
-        return True  # continue with the next member / shard
-
-    yield from tarfile_samples([{"url": url}], handler=handler)
-
-
-def finite_samples(urls: list[str], plan: list[tuple[int, int, int]], counter: SkipCounter) -> Iterator[dict]:
-    """One pass over this worker's share of `urls` (see `split_plan`)."""
-    for index, modulus, residue in plan:
-        for j, sample in enumerate(read_shard(urls[index], counter)):
-            if j % modulus == residue:
-                yield sample
-
-
-def resampled_samples(urls: list[str], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
-    """An endless stream: shards drawn with replacement by `rng` (seeded per rank and worker, so ranks
-    draw different shards; webdataset's ResampledShards is not deterministic by default)."""
-    empty_in_a_row, limit = 0, max(16, 2 * len(urls))
-    while True:
-        n = 0
-        for sample in read_shard(rng.choice(urls), counter):
-            n += 1
-            yield sample
-        empty_in_a_row = 0 if n else empty_in_a_row + 1
-        if empty_in_a_row >= limit:  # all shards broken or empty: fail loudly rather than spin forever
-            raise RuntimeError(f"{empty_in_a_row} shards in a row gave no samples (first shard: {urls[0]})")
-
-
-def mix(streams: list[Iterator[dict]], weights: Sequence[float], rng: random.Random) -> Iterator[dict]:
-    """Draw each sample from a source chosen with probability proportional to its weight (webdataset
-    `RandomMix`); an exhausted source leaves the mix, so a finite mix yields every sample once."""
-    streams, weights = list(streams), [float(w) for w in weights]
-    while streams:
-        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-        try:
-            yield next(streams[i])
-        except StopIteration:
-            del streams[i], weights[i]
-
-
-def shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style shuffle buffer over raw (still encoded) samples: shuffling before decoding keeps
-    the buffer small in memory (webdataset's advice)."""
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        k = rng.randrange(bufsize)
-        yield buf[k]
-        buf[k] = sample
-    rng.shuffle(buf)
-    yield from buf
-
-
-def collate(samples: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
-    """Stack processed samples (all of one size) into a batch of the data contract."""
-    batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
-        "crop_coords": torch.tensor([s["crop_coords"] for s in samples], dtype=torch.long),
-        "key": [s["key"] for s in samples],
-        "skipped": skipped,
-    }
-    if all("label" in s for s in samples):
-        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-    return batch
 
 
 class WebImageDataset(IterableDataset):
@@ -232,7 +109,9 @@ class WebImageDataset(IterableDataset):
         """Batches for this worker; a finite stream ends with any skip counts not yet reported."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch + self._iters
+        # In the main process set_epoch reaches this object; a persistent worker's copy never sees it, so
+        # there the passes it started count instead.
+        epoch = self.epoch if info is None else self.epoch + self._iters
         self._iters += 1
         counter = SkipCounter()
         samples = self._raw_samples(epoch, worker, num_workers, counter)
@@ -280,6 +159,7 @@ class WebLoader(DataLoader):
         skip_counts: Counter[str] | None = None,
         steps_per_epoch: int | None = None,
         start_epoch: int = 0,
+        skip_batches: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int | None = 2,
     ) -> None:
@@ -293,6 +173,7 @@ class WebLoader(DataLoader):
         self.skip_counts = skip_counts if skip_counts is not None else Counter()
         self.steps_per_epoch = steps_per_epoch
         self._epoch = start_epoch
+        self._skip = skip_batches  # batches a resumed run already trained on: passed over once
         self._live: Iterator[dict[str, Any]] | None = None
 
     def _fresh(self) -> Iterator[dict[str, Any]]:
@@ -301,7 +182,13 @@ class WebLoader(DataLoader):
         self._epoch += 1
         # The generator must not reference the loader: a loader <-> generator cycle is freed only by the
         # garbage collector, whose shutdown of the workers waits out a 5 s timeout per worker.
-        return _absorb_skip_counts(super().__iter__(), self.skip_counts)
+        stream = _absorb_skip_counts(super().__iter__(), self.skip_counts)
+        skip, self._skip = self._skip, 0
+        if skip:
+            # Exact resume: the same stream as the interrupted run, from where it stopped. The skipped
+            # batches are still decoded; for very long resampled runs `exact_resume=false` avoids that.
+            next(islice(stream, skip, skip), None)
+        return stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """One epoch: a full pass (finite) or the next `steps_per_epoch` batches of the live stream."""
@@ -389,6 +276,7 @@ class WebDataModule(pl.LightningDataModule):
         prefetch_factor: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
+        exact_resume: bool = True,
     ) -> None:
         super().__init__()
         if epoch_size is not None and epoch_steps is not None:
@@ -410,6 +298,7 @@ class WebDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.rank, self.world_size = rank, world_size
+        self.exact_resume = exact_resume
         self.skip_counts: Counter[str] = Counter()
         self.val_skip_counts: Counter[str] = Counter()
         self._loaders: weakref.WeakSet[WebLoader] = weakref.WeakSet()  # to close live streams on teardown
@@ -463,19 +352,36 @@ class WebDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        # A resumed run starts from its restored step, so it does not replay the samples of the first run.
-        start = int(getattr(self.trainer, "global_step", 0) or 0) if train else 0
+        start, skip = self._resume_position(resampled) if train else (0, 0)
         loader = WebLoader(
             dataset,
             num_workers=self.num_workers,
             skip_counts=counts,
             steps_per_epoch=self.steps_per_epoch(world_size) if train else None,
             start_epoch=start,
+            skip_batches=skip,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
         )
         self._loaders.add(loader)
         return loader
+
+    def _resume_position(self, resampled: bool) -> tuple[int, int]:
+        """(dataset epoch to start from, batches to pass over) for the training loader, from the Trainer's
+        restored progress (Lightning restores it before asking for the loader). exact_resume: finite mode
+        replays epoch `current_epoch` from the batch it stopped at, resampled mode continues its one
+        stream; otherwise a resumed run reseeds its stream from the step (no replay, no skipping)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if not self.exact_resume:
+            return int(trainer.global_step), 0
+        # `ready` counts the batches handed to training steps; `completed` lags by the batch during which
+        # the checkpoint was written.
+        if resampled:
+            return 0, int(progress.total.ready)
+        return int(trainer.current_epoch), int(progress.current.ready)
 
     def teardown(self, stage: str) -> None:
         """Stop the worker processes of live resampled streams (Lightning calls this after fit)."""

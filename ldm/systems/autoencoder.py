@@ -302,14 +302,27 @@ class AutoencoderSystem(pl.LightningModule):
             self.measure_scale_factor(datamodule=datamodule, device=device)
         if trainer is not None and not trainer.is_global_zero:
             return path
-        state = self.autoencoder.state_dict()
-        if self.ema is not None:
-            state.update({k: v.to(state[k].dtype) for k, v in self.ema.shadow.items()})
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.autoencoder.config.items()}
-        meta = {VAE_METADATA_KEY: json.dumps(config), "ldm.ema": str(self.ema is not None).lower()}
-        return write_state_dict(
-            path, {k: v.cpu() for k, v in state.items()}, metadata=meta, global_step=self.ae_step
-        )
+        shadow = self.ema.shadow if self.ema is not None else None
+        return save_autoencoder(self.autoencoder, path, ema_shadow=shadow, global_step=self.ae_step)
+
+
+def save_autoencoder(
+    autoencoder: AutoencoderKL,
+    path: str | os.PathLike,
+    ema_shadow: dict[str, Tensor] | None = None,
+    global_step: int | None = None,
+) -> Path:
+    """Write `autoencoder` as `load_autoencoder` reads it: bare `encoder.*`/`decoder.*` keys (as released
+    standalone VAEs) with the constructor kwargs, scale_factor included, as JSON in metadata "ldm.vae";
+    `ema_shadow` replaces the weights it covers."""
+    state = autoencoder.state_dict()
+    if ema_shadow is not None:
+        state.update({k: v.to(state[k].dtype) for k, v in ema_shadow.items()})
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in autoencoder.config.items()}
+    meta = {VAE_METADATA_KEY: json.dumps(config), "ldm.ema": str(ema_shadow is not None).lower()}
+    return write_state_dict(
+        Path(path), {k: v.cpu() for k, v in state.items()}, metadata=meta, global_step=global_step
+    )
 
 
 def _vae_from_diffusers_dir(folder: Path, allow_pickle: bool) -> AutoencoderKL:

@@ -45,6 +45,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         init_from: str | None = None,
         sample_posterior: bool = True,
         log_buckets_every_n_steps: int = 100,
+        seed: int = 0,
     ):
         super().__init__()
         if not 0.0 <= ucg_rate < 1.0:
@@ -69,6 +70,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.cond_key, self.ucg_rate = cond_key, ucg_rate
         self.sample_posterior = sample_posterior
+        self.seed = seed
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
@@ -98,21 +100,32 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.conditioner.load_state_dict(pipe.text_encoder.state_dict())
 
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] -> scaled latents z0, in fp32 whatever the autocast (SD's VAE overflows fp16)."""
         with torch.autocast(self.device.type, enabled=False):
             posterior = self.autoencoder.encode(images.float())
-            z = posterior.sample() if self.sample_posterior else posterior.mode()
+            z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return z * self.autoencoder.scale_factor
 
-    def conditioning(self, batch: dict, drop: bool) -> Tensor:
+    def step_generator(self) -> torch.Generator:
+        """The randomness of one training batch (noise, timesteps, caption dropout, posterior sample),
+        seeded from (seed, rank, optimizer step, micro-batch): a step is a function of weights and batch
+        alone, so a resumed run repeats the uninterrupted one exactly, and ranks draw different noise."""
+        micro = 0
+        if self._trainer is not None:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress
+            micro = progress.current.ready % self.trainer.accumulate_grad_batches
+        key = ((self.seed * 1_000_003 + self.global_step) * 64 + micro) * 4_099 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key)
+
+    def conditioning(self, batch: dict, drop: bool, generator: torch.Generator | None = None) -> Tensor:
         """Cross-attention context; with `drop`, each sample's condition becomes the unconditional one with
         probability ucg_rate (caption "" / the null class), which classifier-free guidance needs."""
         cond = batch[self.cond_key]
         n = len(cond)
         with torch.no_grad():
             if drop and self.ucg_rate > 0:
-                keep = torch.rand(n) >= self.ucg_rate
+                keep = torch.rand(n, generator=generator, device=self.device).cpu() >= self.ucg_rate
                 if isinstance(cond, Tensor):
                     null = self.conditioner.unconditional(n)  # context of the null condition
                     context = self.conditioner(cond.to(self.device))
@@ -122,9 +135,10 @@ class LatentDiffusionSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        z0 = self.encode(batch["image"])
-        context = self.conditioning(batch, drop=True)
-        loss, t = self.loss_fn(self._unet_forward, z0, context.to(z0.dtype))
+        g = self.step_generator()
+        z0 = self.encode(batch["image"], g)
+        context = self.conditioning(batch, drop=True, generator=g)
+        loss, t = self.loss_fn(self._unet_forward, z0, context.to(z0.dtype), generator=g)
         mean = loss.mean()
         self.log("train/loss", mean, prog_bar=True, batch_size=z0.shape[0])
         if self.log_buckets_every_n_steps and self.global_step % self.log_buckets_every_n_steps == 0:

@@ -1,0 +1,1 @@
+"""Evaluation: how good are the samples of a checkpoint."""
