@@ -64,7 +64,7 @@ def test_ddp_two_processes_on_cpu(common, tmp_path):
     run, keys = tmp_path / "ddp", tmp_path / "keys"
     run_train(
         run, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "trainer.max_steps=3", "data.num_workers=0",
+        "trainer.max_steps=3", "data.num_workers=0",
         "+callbacks.record._target_=tests.train_utils.RecordKeys", f"+callbacks.record.path={keys}",
     )  # fmt: skip
     rank0 = (keys / "rank0.txt").read_text().split()

@@ -24,9 +24,16 @@ def asset(name: str) -> str:
     return str(Path(__file__).resolve().parents[1] / "assets" / name)
 
 
+def default_precision(accelerator: str) -> str:
+    """bf16 autocast on accelerators, fp32 on the CPU (no bf16 units there: autocast would be slower)."""
+    return "32-true" if str(accelerator) == "cpu" else "bf16-mixed"
+
+
 def register_resolvers() -> None:
     """Make `${ldm.wandb_offline:}` and `${ldm.asset:NAME}` available to Hydra configs; safe to call twice."""
     if not OmegaConf.has_resolver("ldm.wandb_offline"):
         OmegaConf.register_new_resolver("ldm.wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("ldm.precision"):
+        OmegaConf.register_new_resolver("ldm.precision", default_precision)
     if not OmegaConf.has_resolver("ldm.asset"):
         OmegaConf.register_new_resolver("ldm.asset", asset)
