@@ -8,7 +8,14 @@ import torch
 
 import ldm
 from tests.test_data_broken import FILTERS, write_broken_dataset
-from tests.train_utils import FAST, logged, run_train, tiny_autoencoder_file, wandb_history_keys
+from tests.train_utils import (
+    FAST,
+    logged,
+    run_train,
+    tensorboard_tags,
+    tiny_autoencoder_file,
+    wandb_history_keys,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +98,28 @@ def test_wandb_offline_run_has_loss_lr_and_samples(common, tmp_path):
     keys = wandb_history_keys(next(offline[0].glob("run-*.wandb")))
     assert {"train/loss", "lr-AdamW", "samples/filenames", "train/images_per_sec"} <= keys
     assert (run / "samples" / "step_0000002.png").is_file()
+
+
+def test_tensorboard_logger_has_loss_lr_and_samples(common, tmp_path):
+    run = tmp_path / "tb"
+    run_train(
+        run, *[o for o in common if o != "callbacks.sample_grid=null"], "logger=tensorboard",
+        "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2",
+    )  # fmt: skip
+    assert {"train/loss", "lr-AdamW", "samples"} <= tensorboard_tags(run / "tensorboard")
+
+
+def test_init_from_a_checkpoint(common, tmp_path):
+    """model.init_from takes anything ldm.load_pipeline reads: a run folder's export initializes a new run."""
+    first = tmp_path / "first"
+    run_train(first, *common, "trainer.max_steps=2")
+    second = tmp_path / "second"
+    run_train(second, *common, "trainer.max_steps=1", "model.lr_scheduler.warmup_steps=1000000",
+              f"model.init_from={first / 'export'}", "model.optimizer.lr=1e-12")  # fmt: skip
+    exported = ldm.load_pipeline(first / "export").unet.state_dict()
+    trained = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k, v in exported.items():  # one step at a ~0 learning rate: still the initial weights
+        torch.testing.assert_close(trained[f"unet.{k}"], v, rtol=1e-4, atol=1e-6)
 
 
 def test_training_on_broken_shards_does_not_stop(common, tmp_path):

@@ -94,3 +94,22 @@ def wandb_history_keys(run_file: Path) -> set[str]:
             if record.WhichOneof("record_type") == "history":
                 keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
     return keys
+
+
+def tensorboard_tags(folder: Path) -> set[str]:
+    """Scalar and image tags in the TensorBoard event files under `folder` (TFRecord framing: u64 length,
+    u32 crc, Event proto, u32 crc), read with tensorboardX's Event proto."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in Path(folder).rglob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            tags |= {v.tag for v in event.summary.value}
+    return tags
