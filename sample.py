@@ -2,7 +2,9 @@
 
 Writes one PNG per image (settings in its text chunk), `grid.png` and `metadata.jsonl` (one object per
 image: file, prompt, negative_prompt, seed, sampler, steps, guidance_scale, height, width) to `out_dir`, or
-to a fresh run folder under outputs/samples/. Options: configs/sample.yaml; samplers: configs/sampler/.
+to a fresh run folder under outputs/samples/. A class-conditional model takes `label=7` (or a class name,
+`label=seven`, or a list `label=[1,7]`) instead of a prompt; its records carry `label` and `class_name`.
+Options: configs/sample.yaml; samplers: configs/sampler/.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 from tqdm import tqdm
+
+from ldm.training.resolvers import register_resolvers
+
+register_resolvers()  # before Hydra composes: configs/sample.yaml's hydra.run.dir uses ldm.first_set
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    """The prompt, or the non-empty lines of prompts_file; exactly one of them must be given."""
-    if (cfg.prompt is None) == (cfg.prompts_file is None):
-        raise ValueError("give exactly one of prompt=... or prompts_file=...")
+    """The prompt, or the non-empty lines of prompts_file; exactly one of them (or label) must be given."""
+    if sum(x is not None for x in (cfg.prompt, cfg.prompts_file, cfg.label)) != 1:
+        raise ValueError("give exactly one of prompt=..., prompts_file=... or label=... (class-conditional)")
+    if cfg.label is not None:
+        return []
     if cfg.prompt is not None:
         return [str(cfg.prompt)]
     path = Path(cfg.prompts_file)
@@ -51,6 +59,20 @@ def check_settings(cfg: DictConfig) -> None:
     canonical_sampler_name(cfg.sampler.name)
 
 
+def read_labels(cfg: DictConfig, pipe) -> list[int]:
+    """Class indices from `label` (an index, a class name, or a list of them); [] when sampling prompts."""
+    if cfg.label is None:
+        if pipe.is_class_conditional:
+            raise ValueError("this model is class-conditional: give label=INDEX or label=CLASS_NAME")
+        return []
+    if not pipe.is_class_conditional:
+        raise ValueError("label=... needs a class-conditional model; this one takes prompt=...")
+    if cfg.negative_prompt:
+        raise ValueError("a class-conditional model takes no negative_prompt (it guides with its null class)")
+    given = list(cfg.label) if isinstance(cfg.label, ListConfig) else [cfg.label]
+    return [pipe.conditioner.label_index(x) for x in given]
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     import ldm
@@ -74,24 +96,31 @@ def main(cfg: DictConfig) -> None:
     sampler_kwargs = dict(cfg.sampler.options, karras=cfg.sampler.karras)
     if cfg.sampler.spacing:
         sampler_kwargs["spacing"] = cfg.sampler.spacing
+    labels = read_labels(cfg, pipe)
+    conds = labels or prompts  # a class-conditional model guides with its null class, not a negative prompt
 
-    jobs = [p for p in prompts for _ in range(cfg.n)]  # image i: prompt jobs[i], seed + i
+    jobs = [c for c in conds for _ in range(cfg.n)]  # image i: condition jobs[i], seed + i
     images, records = [], []
     bar = tqdm(total=len(jobs), desc="sampling", unit="img")
     for start in range(0, len(jobs), cfg.batch_size):
         batch = jobs[start : start + cfg.batch_size]
+        text = dict(prompt=batch, negative_prompt=cfg.negative_prompt) if not labels else dict(labels=batch)
         out = pipe(
-            batch, negative_prompt=cfg.negative_prompt, steps=steps, guidance_scale=cfg.guidance_scale,
+            **text, steps=steps, guidance_scale=cfg.guidance_scale,
             sampler=cfg.sampler.name, seed=seed + start, height=height, width=width, init_image=init_image,
             strength=cfg.strength if init_image is not None else None, mask=mask,
             guidance_rescale=cfg.guidance_rescale, decode_batch_size=cfg.decode_batch_size, **sampler_kwargs,
         )  # fmt: skip
-        for i, (prompt, image) in enumerate(zip(batch, out), start=start):
+        for i, (cond, image) in enumerate(zip(batch, out), start=start):
             meta = dict(
-                file=f"{i:05d}.png", prompt=prompt, negative_prompt=cfg.negative_prompt, seed=seed + i,
+                file=f"{i:05d}.png", prompt=None if labels else cond,
+                negative_prompt=None if labels else cfg.negative_prompt, seed=seed + i,
                 sampler=cfg.sampler.name, steps=steps, guidance_scale=cfg.guidance_scale,
                 height=height, width=width,
             )  # fmt: skip
+            if labels:
+                names = pipe.conditioner.class_names
+                meta.update(label=cond, class_name=names[cond] if names else None)
             save_png(image, out_dir / meta["file"], dict(meta, ckpt=str(cfg.ckpt)))
             images.append(image)
             records.append(meta)
@@ -100,7 +129,7 @@ def main(cfg: DictConfig) -> None:
     with open(out_dir / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     if cfg.grid:
-        image_grid(images, cols=cfg.n if len(prompts) > 1 else None).save(out_dir / "grid.png")
+        image_grid(images, cols=cfg.n if len(conds) > 1 else None).save(out_dir / "grid.png")
     print(f"wrote {len(images)} images to {out_dir}")
 
 

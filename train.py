@@ -8,6 +8,7 @@ or `sample.py` loads by path. The run folder is Hydra's (`hydra.run.dir=...`); i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -27,12 +28,24 @@ def instantiate_all(group: DictConfig | None) -> list:
 def main(cfg: DictConfig) -> None:
     import pytorch_lightning as pl
 
+    from ldm.training.checks import check_callbacks_fit_model, check_data_fits_model
+    from ldm.training.threads import configure_threads
+    from ldm.training.warnings import quiet_expected_warnings
+
+    quiet_expected_warnings()
+    configure_threads(cfg.get("threads", "auto"))  # before any work: see ldm/training/threads.py
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-launches this script once per extra rank
+        print(f"run folder: {Path(cfg.paths.output_dir).resolve()}", flush=True)
     pl.seed_everything(cfg.seed, workers=True)
     # Resolved as well as Hydra's raw .hydra/config.yaml: ldm.load_pipeline rebuilds the model from it.
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config_resolved.yaml", resolve=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks, loggers = instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger"))
+    check_data_fits_model(datamodule, model)
+    check_callbacks_fit_model(callbacks, model)
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 

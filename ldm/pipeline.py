@@ -1,10 +1,12 @@
-"""`Pipeline`: the trained components put back together for sampling (DESIGN.md, "Contracts").
+"""`Pipeline`: the trained components put back together for sampling (`ldm.load_pipeline` returns one).
 
 Text to image, image to image and inpainting on a standard model, in the order of LDM's sampling: encode
-the prompt with the frozen text encoder, run a sampler (ldm.diffusion.samplers) over the guided denoiser
+the prompt with the frozen text encoder (or the class labels with a class-conditional LDM's label
+embedding, Rombach et al. 2022 Sec. 4.3), run a sampler (ldm.diffusion.samplers) over the guided denoiser
 in latent space, decode once with the autoencoder. Starting noise, per-step noise and the timestep grids
 are drawn and built as diffusers' StableDiffusionPipeline does, so the same initial latents give the same
-images. Loading and saving live in `ldm/pipeline_io.py`.
+images. Loading and saving live in `ldm/pipeline_io.py`, which imports this module and not the reverse
+(`Pipeline.save` reaches it at call time).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ldm.diffusion.sampler_utils import randn
 from ldm.diffusion.samplers import sampling_plan
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.nn.autoencoder import AutoencoderKL
-from ldm.nn.conditioners import TextConditioner
+from ldm.nn.conditioners import ClassConditioner, TextConditioner
 from ldm.nn.unet import UNetModel
 
 
@@ -62,9 +64,18 @@ class LatentBlend:
         """Sigma view: the blended z0 estimate."""
         return self.mask * self.inner(x, sigma, **kwargs) + (1 - self.mask) * self.z0
 
+    def net_output_at(self, x: Tensor, t: int, **kwargs: Any) -> Tensor:
+        """Timestep view: the inner network output, unblended (PLMS with combine="model_output"
+        extrapolates these and converts the result with `convert_at`, where the blend happens)."""
+        return self.inner.net_output_at(x, t, **kwargs)
+
     def predict_at(self, x: Tensor, t: int, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Timestep view: the blended (z0, eps) of `convert_at` from one network call."""
+        return self.convert_at(self.net_output_at(x, t, **kwargs), x, t)
+
+    def convert_at(self, output: Tensor, x: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """Timestep view: blend z0, then the eps consistent with it, (x - alpha_t z0) / sigma_t."""
-        z0, eps = self.inner.predict_at(x, t, **kwargs)
+        z0, eps = self.inner.convert_at(output, x, t)
         z0 = self.mask * z0 + (1 - self.mask) * self.z0
         alpha_t, sigma_t = self.schedule.vp_coefficients(torch.as_tensor(t))
         if float(sigma_t) > 0:
@@ -74,29 +85,42 @@ class LatentBlend:
 
 
 class Pipeline:
-    """UNet + autoencoder + text encoder + noise schedule, callable as text-to-image / img2img / inpaint."""
+    """UNet + autoencoder + conditioner + noise schedule, callable as text-to-image / img2img / inpaint.
+
+    The conditioner is a `TextConditioner` (Stable Diffusion: `pipe(prompt)`) or a `ClassConditioner`
+    (class-conditional LDMs: `pipe(labels=[3, "seven"])`)."""
 
     def __init__(
         self,
         unet: UNetModel,
         vae: AutoencoderKL,
-        text_encoder: TextConditioner,
+        conditioner: TextConditioner | ClassConditioner,
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
         sample_size: int | None = None,
-        tokenizer_source: str | None = None,
     ):
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        if not isinstance(conditioner, (TextConditioner, ClassConditioner)):
+            raise TypeError(f"a Pipeline samples text- or class-conditional models, got {type(conditioner)}")
+        self.unet, self.vae, self.conditioner = unet.eval(), vae.eval(), conditioner.eval()
         self.schedule = schedule
         self.prediction_type = prediction_type
         # Default image side in latent pixels (diffusers' unet sample_size): 64 for SD1 (512 px).
         self.sample_size = sample_size or 64
-        self.tokenizer_source = tokenizer_source
+
+    @property
+    def is_class_conditional(self) -> bool:
+        """Whether the model is conditioned on class labels rather than text."""
+        return isinstance(self.conditioner, ClassConditioner)
+
+    @property
+    def text_encoder(self) -> TextConditioner | None:
+        """The CLIP text encoder (None for a class-conditional model)."""
+        return None if self.is_class_conditional else self.conditioner
 
     @property
     def tokenizer(self):
-        """The text encoder's CLIP tokenizer."""
-        return self.text_encoder.tokenizer
+        """The text encoder's CLIP tokenizer (None for a class-conditional model)."""
+        return getattr(self.conditioner, "tokenizer", None)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +134,7 @@ class Pipeline:
         """Move to `device`; `dtype` casts UNet and text encoder. The autoencoder stays in fp32, where SD's
         decoder does not overflow."""
         self.unet.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        self.conditioner.to(device=device, dtype=dtype)
         self.vae.to(device=device)
         self.schedule = self.schedule.to(device=device)
         return self
@@ -128,8 +152,18 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """Cross-attention contexts (B x 77 x D) for the prompts."""
+        if self.text_encoder is None:
+            raise ValueError("this model is class-conditional: pass labels=..., not a prompt")
         ids = self.text_encoder.tokenize(list(prompts)).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_labels(self, labels: Sequence[int | str]) -> Tensor:
+        """Contexts (B x 1 x D) for class labels, given as indices or class names ("seven")."""
+        if not self.is_class_conditional:
+            raise ValueError("this model is text-conditional: pass a prompt, not labels")
+        index = [self.conditioner.label_index(label) for label in labels]
+        return self.conditioner(index).to(self.dtype)
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
@@ -151,7 +185,7 @@ class Pipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         steps: int = 30,
         guidance_scale: float = 7.5,
@@ -168,25 +202,18 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         callback: Callable[[dict[str, Any]], None] | None = None,
         decode_batch_size: int = 8,
+        labels: int | str | Sequence[int | str] | None = None,
         **sampler_options: Any,
     ) -> list[Image.Image] | Tensor:
         """Generate images; image i of the batch uses seed `seed + i`. `latents` is unit-variance starting
         noise (scaled by the sampler as diffusers does). `init_image` + `strength` for image to image,
         plus `mask` (white = repaint) for inpainting. `callback(info)` runs after every step with the
         step index "i", the latent "x" and the clean estimate "denoised". Returns PIL images, or with
-        output="tensor" an N x 3 x H x W tensor in [0, 1]."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
-        n = len(prompts)
+        output="tensor" an N x 3 x H x W tensor in [0, 1]. A class-conditional model takes `labels` (indices
+        or class names) instead of prompts; its unconditional input for guidance is the null class."""
+        conds = self._conditions(prompt, negative_prompt, labels)
+        conds = [tuple(c for c in pair for _ in range(num_images_per_prompt)) for pair in conds]
+        n = len(conds[0])
         height = height or self.sample_size * self.vae.downsampling_factor
         width = width or self.sample_size * self.vae.downsampling_factor
         f = self.vae.downsampling_factor
@@ -206,11 +233,17 @@ class Pipeline:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(self.device, torch.float32)
 
-        context = self.encode_prompt(prompts)
+        if self.is_class_conditional:
+            context = self.encode_labels(conds[0])
+        else:
+            context = self.encode_prompt(conds[0])
         denoiser: Any = Denoiser(self._net, self.schedule, self.prediction_type)
         extra_args: dict[str, Any] = {"context": context}
         if guidance_scale > 1.0:  # as StableDiffusionPipeline: no unconditional pass at scale <= 1
-            uncond = self.encode_prompt(negatives)
+            if self.is_class_conditional:
+                uncond = self.conditioner.unconditional(n).to(self.dtype)
+            else:
+                uncond = self.encode_prompt(conds[1])
             denoiser = cfg_denoiser(denoiser, guidance_scale, guidance_rescale)
             extra_args = {"context": context, "uncond_context": uncond}
 
@@ -229,3 +262,31 @@ class Pipeline:
         z = plan(denoiser, x, extra_args=extra_args, callback=callback, generator=generators)
         images = self.decode(z, decode_batch_size)
         return images if output == "tensor" else to_pil(images)
+
+    def _conditions(
+        self,
+        prompt: str | Sequence[str] | None,
+        negative_prompt: str | Sequence[str] | None,
+        labels: int | str | Sequence[int | str] | None,
+    ) -> list[list[Any]]:
+        """[conditions, negative prompts] for a text model, [labels] for a class-conditional one."""
+        if self.is_class_conditional:
+            if prompt is not None or negative_prompt:
+                raise ValueError("this model is class-conditional: pass labels=..., not a prompt")
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels= (class indices or names)")
+            return [[labels] if isinstance(labels, (int, str)) else list(labels)]
+        if labels is not None:
+            raise ValueError("this model is text-conditional: pass a prompt, not labels")
+        if prompt is None:
+            raise ValueError("pass a prompt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        return [prompts, negatives]

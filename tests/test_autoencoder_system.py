@@ -17,10 +17,16 @@ from pytorch_lightning.loggers.logger import Logger
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from ldm.checkpoints import save_single_file, vae_config_to_diffusers, vae_to_diffusers, write_state_dict
+from ldm.checkpoints import (
+    load_autoencoder,
+    save_single_file,
+    vae_config_to_diffusers,
+    vae_to_diffusers,
+    write_state_dict,
+)
 from ldm.losses import LPIPS, AutoencoderLoss, NLayerDiscriminator
 from ldm.nn.autoencoder import AutoencoderKL
-from ldm.systems.autoencoder import AutoencoderSystem, load_autoencoder, reconstruction_grid
+from ldm.systems.autoencoder import AutoencoderSystem, reconstruction_grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AE_KW = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16, scale_factor=1.0)
@@ -174,6 +180,24 @@ def test_discriminator_waits_for_disc_start_in_autoencoder_steps():
     name = "decoder.conv_out.weight"
     assert torch.equal(fresh.ema.shadow[name], system.ema.shadow[name])
     assert not torch.equal(system.ema.shadow[name], system.autoencoder.decoder.conv_out.weight)
+
+
+def test_ema_averages_the_weights_after_each_step():
+    """The EMA folds in each batch's weights right after its optimizer steps (manual optimization), from
+    the initial weights, with CompVis LitEma's warm-up decay_t = min(decay, (1 + t) / (10 + t))."""
+    decay = 0.5
+    system = make_system(disc_start=1, ema_decay=decay)
+    rec = Recorder()
+    init = {k: p.detach().clone() for k, p in system.autoencoder.named_parameters()}
+    trainer(7, [rec]).fit(system, datamodule=RandomImages())  # batch 0: autoencoder; 1-3: both
+    assert system.ae_step == 4 and system.ema.num_updates == 4 and len(rec.ae) == 4
+    names = list(init)
+    for i, name in enumerate(names):
+        expected = init[name]
+        for t, weights in enumerate(rec.ae, start=1):
+            d = min(decay, (1 + t) / (10 + t))
+            expected = d * expected + (1 - d) * weights[i]
+        torch.testing.assert_close(system.ema.shadow[name], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_learning_rate_scaling():

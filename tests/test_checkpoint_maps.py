@@ -352,7 +352,7 @@ def test_clip_key_normalization():
 @pytest.mark.parametrize(
     "kwargs, params",
     [
-        (dict(), 859_520_964),  # SD1 (FIELD_NOTES)
+        (dict(), 859_520_964),  # SD1 (CompVis v1-inference.yaml: 859.52 M)
         (
             dict(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
             865_910_724,
@@ -383,7 +383,7 @@ def test_full_size_autoencoder_config():
     with torch.device("meta"):
         model = AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
     original = vae_from_diffusers(model.state_dict())
-    assert sum(v.numel() for v in original.values()) == 83_653_863  # kl-f8 (FIELD_NOTES)
+    assert sum(v.numel() for v in original.values()) == 83_653_863  # CompVis kl-f8
     assert (
         "decoder.up.3.upsample.conv.weight" in original
         and "decoder.up.0.upsample.conv.weight" not in original

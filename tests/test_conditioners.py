@@ -251,6 +251,33 @@ def test_class_conditioner():
         no_null.unconditional(1)
 
 
+def test_class_conditioner_names_and_the_digits_config():
+    cond = hydra.utils.instantiate(_cfg("digits_class"))
+    assert isinstance(cond, ClassConditioner) and cond.output_dim == 32 and cond.class_names == DIGITS
+    assert [cond.label_index(x) for x in ("seven", "Seven ", 7, "7")] == [7, 7, 7, 7]
+    with pytest.raises(ValueError, match="unknown class 'ten'"):
+        cond.label_index("ten")
+    with pytest.raises(ValueError, match="out of range"):
+        cond.label_index(10)
+    with pytest.raises(ValueError, match="an integer"):
+        ClassConditioner(3, 4).label_index("cat")  # no names to look up
+    with pytest.raises(ValueError, match="2 class_names"):
+        ClassConditioner(3, 4, class_names=["cat", "dog"])
+
+
+def test_tokenizer_that_cannot_be_found_is_an_error(tmp_path):
+    """Never a stand-in tokenizer (transformers 5 quietly builds an empty one): an error naming it."""
+    config = dict(OmegaConf.to_container(_cfg("tiny").config))
+    (tmp_path / "empty").mkdir()
+    for source, error in [
+        (str(tmp_path / "empty"), FileNotFoundError),  # a folder without vocabulary files
+        (str(tmp_path / "moved-away"), FileNotFoundError),  # a path of another machine
+        ("openai/clip-vit-large-patch14-not-cached", OSError),  # a hub id, offline (conftest), not cached
+    ]:
+        with pytest.raises(error, match="tokenizer="):
+            TextConditioner(config=config, pretrained=False, tokenizer=source)
+
+
 def test_null_conditioner():
     cond = NullConditioner(output_dim=8).to(torch.float64)
     context = cond(["any", "captions", "here"])

@@ -1,4 +1,4 @@
-"""The contract of `python train.py` with no arguments (slow: the whole default run, ~6 min on 2 cores):
+"""The contract of `python train.py` with no arguments (slow: the whole default run, ~7 min on 2 cores):
 it finishes, and its model draws the prompted digit most of the time."""
 
 import pytest

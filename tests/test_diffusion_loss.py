@@ -103,13 +103,24 @@ def test_bad_settings_fail_clearly():
         DiffusionLoss(SCHED, timestep_sampling="weights", timestep_weights=[1.0])
 
 
-def test_zero_terminal_snr_v_loss_is_finite():
+def test_zero_terminal_snr_v_loss_at_the_last_step():
+    """At t = T-1 with zero terminal SNR, x_t is pure noise and v = -z0 (Lin et al. 2023, Sec. 3.2): the
+    unweighted loss is zero for the right network and large for wrong ones; min-SNR's v weight
+    min(SNR, gamma) / (SNR + 1) is exactly 0 there (finite, where the eps weight would be 0 / 0)."""
     z0 = torch.randn(8, 4, 8, 8)
     sched = NoiseSchedule(rescale_zero_terminal_snr=True)
-    w = [0.0] * 999 + [1.0]
-    loss, _ = DiffusionLoss(sched, "v_prediction", weighting="min_snr", timestep_sampling="weights",
-                            timestep_weights=w)(oracle(z0, "v_prediction", sched), z0)  # fmt: skip
-    assert torch.isfinite(loss).all() and loss.max() < 1e-6
+    last = dict(timestep_sampling="weights", timestep_weights=[0.0] * 999 + [1.0])
+    plain = DiffusionLoss(sched, "v_prediction", **last)
+    loss, t = plain(oracle(z0, "v_prediction", sched), z0)
+    assert (t == 999).all() and torch.isfinite(loss).all() and loss.max() < 1e-6
+    # The v target there is -z0, neither the noise (x_t itself) nor z0.
+    assert plain(lambda x_t, t, c: -z0, z0)[0].max() < 1e-10
+    for wrong in (lambda x_t, t, c: x_t, lambda x_t, t, c: z0, lambda x_t, t, c: torch.zeros_like(x_t)):
+        assert plain(wrong, z0)[0].mean() > 0.5
+    weighted = DiffusionLoss(sched, "v_prediction", weighting="min_snr", **last)
+    assert weighted.weight(torch.tensor([999])).item() == 0.0
+    w = weighted(lambda x_t, t, c: x_t, z0)[0]
+    assert torch.isfinite(w).all() and (w == 0).all()
 
 
 def test_loss_by_timestep_bucket():

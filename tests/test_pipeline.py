@@ -1,4 +1,4 @@
-"""The Pipeline's contract (DESIGN.md): per-image seeds, img2img (against diffusers), inpainting that keeps
+"""The Pipeline's contract: per-image seeds, img2img (against diffusers), inpainting that keeps
 the known region, per-step callbacks, size checks, sliced decoding, half precision, format detection."""
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ def test_registry_names_and_errors():
     """Users' names resolve (aliases, case, a _karras suffix); an unknown one lists the known names."""
     from ldm.diffusion.samplers import SAMPLERS, sampler_options
 
-    assert get_sampler("Euler_Ancestral") is get_sampler("euler_a") is SAMPLERS["euler_a"]
-    assert get_sampler("pndm") is SAMPLERS["plms"]
+    assert get_sampler("Euler_Ancestral") is get_sampler("euler_a") is SAMPLERS["euler_a"].fn
+    assert get_sampler("pndm") is SAMPLERS["plms"].fn
     with pytest.raises(KeyError, match="dpmpp_2m_sde"):
         get_sampler("lms")
     assert sampler_options("ddim") == {"eta": 0.0}

@@ -177,7 +177,7 @@ def test_diffusers_config_round_trip():
         torch.testing.assert_close(ours.alphas_cumprod, ddim.alphas_cumprod.double(), rtol=0, atol=1e-6)
         again = NoiseSchedule.from_diffusers_config(dict(ddim.config))
         assert again.to_diffusers_config() == ours.to_diffusers_config()
-    # SD1's released scheduler_config.json values (FIELD_NOTES).
+    # SD1's released scheduler_config.json values (runwayml/stable-diffusion-v1-5 scheduler/).
     assert NoiseSchedule().to_diffusers_config() == {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,

@@ -3,6 +3,8 @@ broken shards, and loading the run's checkpoint for sampling."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -110,16 +112,21 @@ def test_tensorboard_logger_has_loss_lr_and_samples(common, tmp_path):
 
 
 def test_init_from_a_checkpoint(common, tmp_path):
-    """model.init_from takes anything ldm.load_pipeline reads: a run folder's export initializes a new run."""
+    """model.init_from takes anything ldm.load_pipeline reads: a run folder's export initializes a new run
+    (whose own seed would give other initial weights, so the match below comes from init_from)."""
     first = tmp_path / "first"
     run_train(first, *common, "trainer.max_steps=2")
     second = tmp_path / "second"
-    run_train(second, *common, "trainer.max_steps=1", "model.lr_scheduler.warmup_steps=1000000",
+    run_train(second, *common, "seed=1", "trainer.max_steps=1", "model.lr_scheduler.warmup_steps=1000000",
               f"model.init_from={first / 'export'}", "model.optimizer.lr=1e-12")  # fmt: skip
     exported = ldm.load_pipeline(first / "export").unet.state_dict()
     trained = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k, v in exported.items():  # one step at a ~0 learning rate: still the initial weights
         torch.testing.assert_close(trained[f"unet.{k}"], v, rtol=1e-4, atol=1e-6)
+    third = tmp_path / "third"  # the same seed without init_from: other weights
+    run_train(third, *common, "seed=1", "trainer.max_steps=1", "model.optimizer.lr=1e-12")
+    own = torch.load(third / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(not torch.allclose(own[f"unet.{k}"], v) for k, v in exported.items())
 
 
 def test_training_on_broken_shards_does_not_stop(common, tmp_path):
@@ -129,12 +136,16 @@ def test_training_on_broken_shards_does_not_stop(common, tmp_path):
     nested = [(k, kk, vv) for k, v in FILTERS.items() if isinstance(v, dict) for kk, vv in v.items()]
     filters += [f"+data.filters.{k}.{kk}={vv}" for k, kk, vv in nested]
     run = tmp_path / "broken"
-    run_train(
-        run, *common, "data=webdataset", f"data.urls='{urls}'", "data.resolution=24", "data.batch_size=4",
-        "data.num_workers=1", "data.resampled=false", *filters, "trainer.max_steps=6",
+    proc = run_train(
+        run, *common, "data=webdataset", f"data.urls='{urls}'", "data.resolution=24", "model.sample_size=6",
+        "data.batch_size=4", "data.num_workers=1", "data.resampled=false", *filters, "trainer.max_steps=6",
     )  # fmt: skip
     # Every pass over the shards skips the 3 undecodable samples (truncated, not_image, empty_bytes) and
     # the run goes on over several passes.
     assert sum(logged(run, "data/skipped_decode_error").values()) >= 3
     assert sum(logged(run, "data/skipped_too_small").values()) >= 1
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    # ... and says so on the console at the end, by reason (callbacks.skipped_samples).
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("data: skipped ")]
+    assert summary and " training samples (" in summary[-1], proc.stdout[-2000:]
+    assert int(re.search(r"decode_error (\d+)", summary[-1]).group(1)) >= 3

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning import Callback
 
-from ldm.systems.autoencoder import save_autoencoder
+from ldm.checkpoints import save_autoencoder
 from tests.tiny import REPO, randomize_
 
 # Small and quick: batch 8 of 32 px digits, no sample grids, CSV logs with every step.

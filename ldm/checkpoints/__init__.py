@@ -1,9 +1,11 @@
 """State-dict maps and checkpoint files: our (original SD) layout <-> diffusers, single files, folders.
 
-Our networks use the original CompVis/Stability key names natively (DESIGN pattern 9); everything here
-converts to and from other layouts. Maps take and return plain `dict[str, Tensor]` without prefixes.
+Our networks use the original CompVis/Stability key names natively (those of the released single files,
+so community checkpoints load without conversion); everything here converts to and from other layouts.
+Maps take and return plain `dict[str, Tensor]` without prefixes.
 """
 
+from ldm.checkpoints.autoencoder_file import load_autoencoder, save_autoencoder
 from ldm.checkpoints.configs import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
@@ -42,11 +44,13 @@ __all__ = [
     "infer_clip_text_config",
     "is_run_folder",
     "join_state_dict",
+    "load_autoencoder",
     "load_diffusers_folder",
     "load_single_file",
     "normalize_clip_keys",
     "open_clip_to_transformers",
     "read_state_dict",
+    "save_autoencoder",
     "save_diffusers_folder",
     "save_single_file",
     "split_state_dict",

@@ -1,6 +1,6 @@
 """Tell checkpoint formats apart: a diffusers folder, an original single file, or one of our training runs.
 
-A training run (DESIGN "Contracts") is Hydra's run folder holding `.hydra/config.yaml` and
+A training run is Hydra's run folder holding `.hydra/config.yaml` and
 `checkpoints/last.ckpt`; `ldm_run` is returned for that folder and for a `.ckpt` inside its
 `checkpoints/`. A Lightning checkpoint copied elsewhere can only be recognised by its state-dict keys:
 `LDM_RUN_KEY_PREFIXES` holds the prefixes of our LightningModules (LatentDiffusionSystem: "unet.",

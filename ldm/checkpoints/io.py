@@ -3,9 +3,9 @@
 Pickle files are opened with `torch.load(weights_only=True)`, which only rebuilds tensors and plain
 containers. A file that also carries pickled Python objects (a Lightning `hyper_parameters` Namespace,
 a config class, ...) could run arbitrary code while loading, so it is refused with `UnsafeCheckpointError`
-unless the caller opts in (DESIGN "Checkpoints hold state dicts and the resolved config, never pickled
-code"). Writes go to a temporary file in the same folder and are renamed over the target with
-`os.replace`, so a crash never leaves a half-written checkpoint behind under the real name.
+unless the caller opts in (the PyTorch `torch.load` documentation's warning on untrusted pickles, and the
+reason safetensors exists). Writes go to a temporary file in the same folder and are renamed over the
+target with `os.replace`, so a crash never leaves a half-written checkpoint behind under the real name.
 """
 
 from __future__ import annotations

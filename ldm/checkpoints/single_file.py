@@ -1,9 +1,12 @@
 """The original single-file checkpoint (CompVis / Stability `.ckpt` or `.safetensors`): split and join.
 
-Layout (FIELD_NOTES "Checkpoint layouts"): one flat state dict with
+Layout (CompVis/stable-diffusion `configs/stable-diffusion/v1-inference.yaml` and Stability-AI/stablediffusion
+`configs/stable-diffusion/v2-inference.yaml`: the LatentDiffusion module's attribute names; diffusers
+`loaders/single_file_utils.py` reads the same keys): one flat state dict with
   model.diffusion_model.*          UNet                    first_stage_model.*   autoencoder
-  cond_stage_model.transformer.*   SD1 text encoder (transformers CLIPTextModel names)
-  cond_stage_model.model.*         SD2 text encoder (open_clip names)
+  cond_stage_model.transformer.*   SD1 text encoder (transformers CLIPTextModel names; `FrozenCLIPEmbedder`)
+  cond_stage_model.model.*         SD2 text encoder (open_clip names; `FrozenOpenCLIPEmbedder`)
+  cond_stage_model.embedding.*     class-conditional LDMs (CompVis `ClassEmbedder`, cin256 configs)
   model_ema.<flat>                 EMA of the UNet, from CompVis `LitEma`: the parameter name relative to
                                    the LatentDiffusion's `model` with dots removed
                                    (`model_ema.diffusion_modelinput_blocks00weight`), plus the buffers
@@ -40,6 +43,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+CLASS_PREFIX = "cond_stage_model."  # + "embedding.weight" (CompVis ClassEmbedder)
+_CLASS_KEYS = (CLASS_PREFIX + "embedding.",)
 EMA_UNET_PREFIX = "model_ema.diffusion_model"  # followed by the UNet key with its dots removed
 EMA_DECAY, EMA_NUM_UPDATES = "model_ema.decay", "model_ema.num_updates"
 _BARE_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -75,12 +80,14 @@ def _unflatten_ema(flat: Mapping[str, torch.Tensor], unet_keys: list[str]) -> St
 
 
 def split_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, StateDict], str | None]:
-    """Full single-file state dict -> ({"unet", "vae", "text_encoder", "unet_ema", "other"}, text format).
+    """Full single-file state dict -> ({"unet", "vae", "text_encoder", "class_embedder", "unet_ema", "other"},
+    text format). "class_embedder" holds a class-label embedding's keys without `cond_stage_model.`.
 
     The text format is "clip" (SD1), "open_clip" (SD2) or None when the file has no text encoder; every
     key lands in exactly one component, so `join_state_dict` restores the file.
     """
-    parts: dict[str, StateDict] = {name: {} for name in ("unet", "vae", "unet_ema", "other")}
+    names = ("unet", "vae", "class_embedder", "unet_ema", "other")
+    parts: dict[str, StateDict] = {name: {} for name in names}
     clip: StateDict = {}
     open_clip: StateDict = {}
     flat_ema: StateDict = {}
@@ -93,6 +100,8 @@ def split_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
             clip[key[len(CLIP_PREFIX) :]] = value
         elif key.startswith(OPEN_CLIP_PREFIX):
             open_clip[key[len(OPEN_CLIP_PREFIX) :]] = value
+        elif key.startswith(_CLASS_KEYS):
+            parts["class_embedder"][key[len(CLASS_PREFIX) :]] = value
         elif key.startswith(EMA_UNET_PREFIX):
             flat_ema[key[len(EMA_UNET_PREFIX) :]] = value
         else:
@@ -129,7 +138,7 @@ def join_state_dict(
     """
     if text_encoder_format not in TEXT_FORMATS:
         raise ValueError(f"text_encoder_format must be one of {TEXT_FORMATS}, got {text_encoder_format!r}")
-    unknown = set(components) - {"unet", "vae", "text_encoder", "unet_ema", "other"}
+    unknown = set(components) - {"unet", "vae", "text_encoder", "class_embedder", "unet_ema", "other"}
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}")
     out: StateDict = {}
@@ -140,6 +149,7 @@ def join_state_dict(
         out.update({CLIP_PREFIX + k: v for k, v in normalize_clip_keys(text).items()})
     elif text:
         out.update({OPEN_CLIP_PREFIX + k: v for k, v in transformers_to_open_clip(text).items()})
+    out.update({CLASS_PREFIX + k: v for k, v in (components.get("class_embedder") or {}).items()})
     ema = components.get("unet_ema") or {}
     out.update({ema_key(k): v for k, v in ema.items()})
     other = dict(components.get("other", {}))

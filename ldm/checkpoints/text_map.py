@@ -1,7 +1,9 @@
 """Text encoder state dicts: transformers `CLIPTextModel` (our layout) <-> open_clip (SD2 single files).
 
-Our text encoder is a transformers `CLIPTextModel` for SD1 and SD2 alike (FIELD_NOTES: OpenCLIP ViT-H/14's
-text tower is expressible as one). Its canonical key layout here is the classic `text_model.*` one: what
+Our text encoder is a transformers `CLIPTextModel` for SD1 and SD2 alike (OpenCLIP ViT-H/14's
+text tower is expressible as one: diffusers' SD2 pipelines ship it as `text_encoder/`, converted by
+`convert_open_clip_checkpoint` in `loaders/single_file_utils.py`). Its canonical key layout here is the
+classic `text_model.*` one: what
 released SD1 files hold under `cond_stage_model.transformer.` and what every transformers version loads.
 transformers >= 5.6 flattened `CLIPTextModel` (its own state dict lost the `text_model.` prefix), and
 very old SD1 files lack it too, so `normalize_clip_keys` puts it back and `fit_clip_keys` adapts a

@@ -1,6 +1,7 @@
 """UNet state dict: original CompVis/Stability `openaimodel.UNetModel` <-> diffusers `UNet2DConditionModel`.
 
-The block correspondence (FIELD_NOTES "Checkpoint layouts"; diffusers `convert_ldm_unet_checkpoint`):
+The block correspondence (diffusers `loaders/single_file_utils.py` `convert_ldm_unet_checkpoint` and
+`scripts/convert_diffusers_to_original_stable_diffusion.py` `unet_conversion_map`):
 with `n` res blocks per level and `L` levels,
   input_blocks.{1 + l(n+1) + j}.{0,1}  <-> down_blocks.l.{resnets,attentions}.j
   input_blocks.{(l+1)(n+1)}.0.op       <-> down_blocks.l.downsamplers.0.conv

@@ -1,6 +1,7 @@
 """Autoencoder state dict: original CompVis `AutoencoderKL` keys <-> diffusers `AutoencoderKL`.
 
-Correspondence (FIELD_NOTES "Checkpoint layouts"; diffusers `convert_ldm_vae_checkpoint`), L levels:
+Correspondence (diffusers `loaders/single_file_utils.py` `convert_ldm_vae_checkpoint` and
+`scripts/convert_diffusers_to_original_stable_diffusion.py` `vae_conversion_map`), L levels:
   encoder.down.l.block.j            <-> encoder.down_blocks.l.resnets.j       (nin_shortcut <-> conv_shortcut)
   encoder.down.l.downsample.conv    <-> encoder.down_blocks.l.downsamplers.0.conv
   decoder.up.(L-1-i).block.j        <-> decoder.up_blocks.i.resnets.j         (order reversed: the original

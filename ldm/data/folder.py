@@ -28,7 +28,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.data.stats import accumulate
 from ldm.data.transforms import (
@@ -38,7 +38,7 @@ from ldm.data.transforms import (
     load_rgb,
     open_image,
 )
-from ldm.data.webdataset import collate
+from ldm.data.webdataset import collate, resolve_rank, resume_position
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,14 @@ class ImageFolderDataset(Dataset):
         transform: ImageTransform,
         repeats: int = 1,
         instance_prompt: str | None = None,
+        seed: int = 0,
     ) -> None:
         if not items:
             raise ValueError("no readable images")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.items, self.transform = list(items), transform
-        self.repeats, self.instance_prompt = repeats, instance_prompt
+        self.repeats, self.instance_prompt, self.seed = repeats, instance_prompt, seed
 
     def __len__(self) -> int:
         """Images times repeats."""
@@ -191,12 +192,19 @@ class ImageFolderDataset(Dataset):
             "key": item.key,
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Sample `index`; an image that fails to decode is counted under "skipped" and the next image
-        is returned in its place, so batches keep their size (uneven batches would stall DDP)."""
-        # Seeded from torch's generator, which DataLoader seeds per worker from the main process's
-        # (seed_everything) generator: reproducible runs, different crops every epoch.
-        rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample `index`, or `(index, epoch)` from `EpochSampler`; an image that fails to decode is
+        counted under "skipped" and the next image is returned in its place, so batches keep their size
+        (uneven batches would stall DDP)."""
+        if isinstance(index, tuple):
+            # Crops, flips and caption picks as a function of (seed, epoch, index): the same in a resumed
+            # run, whatever the number of workers (string seeds are hashed with SHA-512 by `random`).
+            index, epoch = index
+            rng = random.Random(f"folder/{self.seed}/{epoch}/{index}")
+        else:
+            # Seeded from torch's generator, which DataLoader seeds per worker from the main process's
+            # (seed_everything) generator: reproducible runs, different crops every epoch.
+            rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
         skipped: Counter[str] = Counter()
         n = len(self.items)
         for attempt in range(min(n, _MAX_CONSECUTIVE_FAILURES)):
@@ -214,6 +222,29 @@ class ImageFolderDataset(Dataset):
                 return sample
             log.warning("skipping unreadable image %s", item.path)
         raise RuntimeError(f"{_MAX_CONSECUTIVE_FAILURES} images in a row failed to decode near {index}")
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: this rank's share of a permutation seeded by (seed, epoch), each index paired
+    with its epoch so the dataset seeds augmentation from them rather than from the process's RNG state,
+    which a resumed run does not share. The first pass leaves out its first `skip` samples (a resumed
+    run's batches already trained); its length stays the epoch's, which Lightning counts batches against.
+
+    torch's DistributedSampler supplies the split and the permutation (`set_epoch`, which Lightning calls
+    at every epoch start: lightning_fabric/utilities/data.py `_set_sampler_epoch`), and Lightning keeps a
+    DistributedSampler as it is under DDP instead of wrapping it in its own (pytorch_lightning/trainer/
+    connectors/data_connector.py `_requires_distributed_sampler`)."""
+
+    def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, skip: int = 0) -> None:  # fmt: skip
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.set_epoch(epoch)
+        self._skip = skip
+
+    def __iter__(self):
+        """(index, epoch) pairs of this epoch, after the samples to pass over once."""
+        indices, self._skip = list(super().__iter__())[self._skip :], 0
+        return iter([(i, self.epoch) for i in indices])
 
 
 def collate_folder(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -295,19 +326,29 @@ class FolderDataModule(pl.LightningDataModule):
         if self.skip_counts:
             log.warning("image folder %s: skipped %s", self.root, dict(self.skip_counts))
         train_tf = ImageTransform(self.resolution, self.random_crop, self.random_flip)
-        self.train_dataset = ImageFolderDataset(items, train_tf, self.repeats, self.instance_prompt)
+        self.train_dataset = ImageFolderDataset(
+            items, train_tf, self.repeats, self.instance_prompt, seed=self.seed
+        )
         if val_items:
             val_tf = ImageTransform(self.resolution, random_crop=False, random_flip=False)
             self.val_dataset = ImageFolderDataset(val_items, val_tf, 1, self.instance_prompt)
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> _CountingLoader:
-        """A DataLoader with the contract collate; training shuffles and drops a ragged last batch
-        (when there is more than one batch) so every step sees `batch_size` images."""
+        """A DataLoader with the contract collate; training shuffles (`EpochSampler`: a resumed run
+        continues the epoch it stopped in, with the same order and augmentation) and drops a ragged last
+        batch (when there is more than one batch) so every step sees `batch_size` images."""
+        sampler = None
+        if train:
+            trainer = self.trainer
+            rank, world_size = resolve_rank(trainer=trainer)
+            epoch, batches = resume_position(trainer)
+            sampler = EpochSampler(dataset, seed=self.seed, rank=rank, world_size=world_size, epoch=epoch,
+                                   skip=batches * self.batch_size)  # fmt: skip
         return _CountingLoader(
             dataset,
             skip_counts=self.skip_counts,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train and self.drop_last and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_folder,

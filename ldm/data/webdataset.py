@@ -239,6 +239,26 @@ def resolve_rank(
     return rank, world_size
 
 
+def resume_position(trainer: pl.Trainer | None, resampled: bool = False) -> tuple[int, int]:
+    """Where a training stream continues: (dataset epoch, batches of it to pass over), from the Trainer's
+    progress counters, which Lightning restores from the checkpoint before it asks for the loader
+    (pytorch_lightning/trainer/trainer.py `_run`: `restore_training_state`, then `fit_loop.run` ->
+    `setup_data`). (0, 0) for a fresh run.
+
+    Finite epochs: an epoch begun and not completed resumes after its `processed` batches (those whose
+    training step ran; `ready` also counts one fetched and not trained); otherwise the next epoch starts
+    from its first batch (the batch counter still holds the previous epoch's count then: Lightning resets
+    it later). Resampled: one stream over all epochs, continued after every batch trained so far. The
+    counters say exactly what was trained when `ldm.training.resume.ExactResume` wrote the checkpoint."""
+    if trainer is None:
+        return 0, 0
+    batches, epochs = trainer.fit_loop.epoch_loop.batch_progress, trainer.fit_loop.epoch_progress.current
+    if resampled:
+        return 0, int(batches.total.processed)
+    open_epoch = epochs.ready > epochs.completed
+    return int(trainer.current_epoch), int(batches.current.processed) if open_epoch else 0
+
+
 class WebDataModule(pl.LightningDataModule):
     """LightningDataModule for img2dataset WebDataset shards (configs/data/webdataset.yaml).
 
@@ -367,21 +387,16 @@ class WebDataModule(pl.LightningDataModule):
         return loader
 
     def _resume_position(self, resampled: bool) -> tuple[int, int]:
-        """(dataset epoch to start from, batches to pass over) for the training loader, from the Trainer's
-        restored progress (Lightning restores it before asking for the loader). exact_resume: finite mode
-        replays epoch `current_epoch` from the batch it stopped at, resampled mode continues its one
-        stream; otherwise a resumed run reseeds its stream from the step (no replay, no skipping)."""
+        """(dataset epoch to start from, batches to pass over) for the training loader. exact_resume:
+        finite mode replays the open epoch from its first untrained batch, resampled mode continues its one
+        stream (`resume_position`); otherwise a resumed run reseeds its stream from the step (no replay,
+        no skipping)."""
         trainer = self.trainer
         if trainer is None:
             return 0, 0
-        progress = trainer.fit_loop.epoch_loop.batch_progress
         if not self.exact_resume:
             return int(trainer.global_step), 0
-        # `ready` counts the batches handed to training steps; `completed` lags by the batch during which
-        # the checkpoint was written.
-        if resampled:
-            return 0, int(progress.total.ready)
-        return int(trainer.current_epoch), int(progress.current.ready)
+        return resume_position(trainer, resampled)
 
     def teardown(self, stage: str) -> None:
         """Stop the worker processes of live resampled streams (Lightning calls this after fit)."""

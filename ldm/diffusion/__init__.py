@@ -16,7 +16,7 @@ from ldm.diffusion.denoiser import (
     x0_to_v,
 )
 from ldm.diffusion.guidance import cfg_denoiser
-from ldm.diffusion.samplers import SAMPLERS, SamplingPlan, get_sampler, sampling_plan
+from ldm.diffusion.samplers import SAMPLERS, SamplerSpec, SamplingPlan, get_sampler, sampling_plan
 from ldm.diffusion.schedule import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
@@ -27,6 +27,7 @@ from ldm.diffusion.schedule import (
 
 __all__ = [
     "SAMPLERS",
+    "SamplerSpec",
     "SamplingPlan",
     "cfg_denoiser",
     "get_sampler",

@@ -15,6 +15,10 @@ as the matching diffusers scheduler's `set_timesteps` does, together with `init_
 reproduces StableDiffusionPipeline with that scheduler from the same unit-variance `noise` and generator. Each
 sampler returns x in the scaling diffusers returns it (VE at sigma = 0 equals the latent; DDIM/PLMS end in VP
 at alphas_cumprod[0]), so `latents` is what diffusers would decode: no conversion follows.
+
+`SAMPLERS` is the one registry: a `SamplerSpec` per sampler holds everything the plan needs to know about it
+(update rule, view, default spacing, grid rule, aliases). A new sampler is one function in
+`sigma_samplers.py` or `timestep_samplers.py` and one `SamplerSpec` line here.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.sampler_utils import Callback, Generator, NoiseSampler
-from ldm.diffusion.schedule import NoiseSchedule, karras_sigmas
+from ldm.diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule, karras_sigmas
 from ldm.diffusion.sigma_samplers import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -41,50 +45,58 @@ from ldm.diffusion.sigma_samplers import (
 from ldm.diffusion.timestep_samplers import sample_ddim, sample_ddpm, sample_plms
 
 SamplerFn = Callable[..., Tensor]
+# A grid rule: (schedule, steps, spacing, steps_offset, karras, set_alpha_to_one) -> (grid, init_noise_sigma),
+# the grid and the scale of unit-variance starting noise that the sampler's diffusers scheduler builds.
+GridRule = Callable[[NoiseSchedule, int, str, int, bool, bool], tuple[Tensor, float]]
 
-SAMPLERS: dict[str, SamplerFn] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-}
-# Samplers that step on integer timesteps with VP-scaled x; the others step on sigmas with VE-scaled x.
-TIMESTEP_SAMPLERS = frozenset({"ddpm", "ddim", "plms"})
-_ALIASES = {"euler_ancestral": "euler_a", "pndm": "plms"}
-# The DPM-Solver family follows DPMSolverMultistepScheduler's own grid rules (see `dpm_solver_grid`).
-_DPM_SOLVERS = frozenset({"dpmpp_2m", "dpmpp_2m_sde"})
-# The timestep spacing each sampler's diffusers scheduler class defaults to, used when neither the caller
-# nor the model's scheduler config names one (SD1.5's scheduler_config.json has no timestep_spacing).
-DEFAULT_SPACING = {
-    "ddpm": "leading", "ddim": "leading", "plms": "leading",
-    "euler": "linspace", "euler_a": "linspace", "heun": "linspace",
-    "dpmpp_2m": "linspace", "dpmpp_2m_sde": "linspace",
-}  # fmt: skip
+_COMMON_ARGS = (
+    "denoiser",
+    "x",
+    "sigmas",
+    "timesteps",
+    "extra_args",
+    "callback",
+    "generator",
+    "noise_sampler",
+)
 
 
-def canonical_sampler_name(name: str) -> tuple[str, bool]:
-    """(registry name, karras) for a user-facing name: case-insensitive, aliases resolved, and a "_karras"
-    suffix ("dpmpp_2m_karras", as A1111 spells it) read as the karras option."""
-    key = name.strip().lower().replace("-", "_")
-    karras = key.endswith("_karras")
-    key = key.removesuffix("_karras")
-    key = _ALIASES.get(key, key)
-    if key not in SAMPLERS:
-        known = sorted(set(SAMPLERS) | set(_ALIASES))
-        raise KeyError(
-            f"unknown sampler {name!r}; known samplers: {', '.join(known)} (add _karras for Karras sigmas)"
-        )
-    return key, karras
+# ---------------------------------------------------------------- grid rules
 
 
-def get_sampler(name: str) -> SamplerFn:
-    """The sampler function registered under `name` (aliases allowed); a KeyError lists the known names."""
-    return SAMPLERS[canonical_sampler_name(name)[0]]
+def _discrete_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, final: int
+) -> tuple[Tensor, float]:
+    """The spaced integer timesteps and the chain's end: 0 is alphas_cumprod[0], -1 the clean end. x is VP,
+    so unit-variance noise starts the chain unscaled (init_noise_sigma 1)."""
+    timesteps = schedule.timesteps(steps, spacing, steps_offset)
+    return torch.cat([timesteps, timesteps.new_full((1,), final)]), 1.0
+
+
+def ddim_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, karras: bool, set_alpha_to_one: bool
+) -> tuple[Tensor, float]:
+    """DDIMScheduler / PNDMScheduler.set_timesteps: spaced timesteps ending at alphas_cumprod[0]
+    (`set_alpha_to_one=False`, SD's config) or at the clean level (`set_alpha_to_one=True`)."""
+    return _discrete_grid(schedule, steps, spacing, steps_offset, -1 if set_alpha_to_one else 0)
+
+
+def ddpm_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, karras: bool, set_alpha_to_one: bool
+) -> tuple[Tensor, float]:
+    """DDPMScheduler.set_timesteps: spaced timesteps; DDPM always ends clean (its `self.one`)."""
+    return _discrete_grid(schedule, steps, spacing, steps_offset, -1)
+
+
+def euler_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, karras: bool, set_alpha_to_one: bool
+) -> tuple[Tensor, float]:
+    """EulerDiscreteScheduler (and EulerAncestral, Heun).set_timesteps: sigmas of the spaced timesteps, or
+    Karras sigmas between their ends, then 0; init_noise_sigma sqrt(sigma_max^2 + 1) with "leading"
+    spacing and sigma_max otherwise (diffusers' rule)."""
+    grid = schedule.sampling_sigmas(steps, spacing, steps_offset, karras)
+    sigma_max = float(grid.max())
+    return grid, math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
 
 
 def dpm_solver_grid(
@@ -114,20 +126,133 @@ def dpm_solver_grid(
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def dpm_solver_plan_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, karras: bool, set_alpha_to_one: bool
+) -> tuple[Tensor, float]:
+    """`dpm_solver_grid`, and the VE equivalent sqrt(sigma_max^2 + 1) of the VP unit noise that diffusers'
+    DPMSolverMultistepScheduler starts from (its init_noise_sigma is 1 in VP scaling)."""
+    grid = dpm_solver_grid(schedule, steps, spacing, steps_offset, karras)
+    return grid, math.sqrt(float(grid[0]) ** 2 + 1)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler of the registry: its update rule `fn` (the common signature of `sigma_samplers` /
+    `timestep_samplers`), the `view` it steps in ("sigma": VE-scaled x on a sigma grid; "timestep": VP-scaled
+    x on integer timesteps), the timestep spacing its diffusers scheduler class defaults to (used when neither
+    the caller nor the model's scheduler config names one; SD1.5's scheduler_config.json has none), the
+    `grid` rule that builds its grid as that scheduler does, and other names users call it by."""
+
+    name: str
+    fn: SamplerFn
+    view: str
+    default_spacing: str
+    grid: GridRule
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        grid_args = {"sigma": "sigmas", "timestep": "timesteps"}
+        if self.view not in grid_args:
+            raise ValueError(f"sampler {self.name!r}: view must be 'sigma' or 'timestep', got {self.view!r}")
+        # The update rule's third argument names the grid it steps on; it must be the view's.
+        third = list(inspect.signature(self.fn).parameters)[2:3]
+        if third != [grid_args[self.view]]:
+            raise ValueError(
+                f"sampler {self.name!r}: a {self.view}-view rule takes {grid_args[self.view]!r} as its third "
+                f"argument, {self.fn.__name__} takes {third}"
+            )
+        if self.default_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"sampler {self.name!r}: unknown default spacing {self.default_spacing!r}")
+
+    @property
+    def uses_timesteps(self) -> bool:
+        """Whether the sampler steps on integer timesteps with VP-scaled x (else on sigmas, VE-scaled)."""
+        return self.view == "timestep"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The sampler's own keyword options and their defaults (e.g. {"eta": 0.0} for ddim)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.name not in _COMMON_ARGS}
+
+
+# Adding a sampler: write its update rule in sigma_samplers.py or timestep_samplers.py, add one line here.
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec("ddpm", sample_ddpm, "timestep", "leading", ddpm_grid),
+        SamplerSpec("ddim", sample_ddim, "timestep", "leading", ddim_grid),
+        SamplerSpec("plms", sample_plms, "timestep", "leading", ddim_grid, aliases=("pndm",)),
+        SamplerSpec("euler", sample_euler, "sigma", "linspace", euler_grid),
+        SamplerSpec("euler_a", sample_euler_ancestral, "sigma", "linspace", euler_grid, ("euler_ancestral",)),
+        SamplerSpec("heun", sample_heun, "sigma", "linspace", euler_grid),
+        SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "sigma", "linspace", dpm_solver_plan_grid),
+        SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "sigma", "linspace", dpm_solver_plan_grid),
+    )
+}
+
+
+def canonical_sampler_name(name: str) -> tuple[str, bool]:
+    """(registry name, karras) for a user-facing name: case-insensitive, aliases resolved, and a "_karras"
+    suffix ("dpmpp_2m_karras", as A1111 spells it) read as the karras option."""
+    key = name.strip().lower().replace("-", "_")
+    karras = key.endswith("_karras")
+    key = key.removesuffix("_karras")
+    aliases = {alias: spec.name for spec in SAMPLERS.values() for alias in spec.aliases}
+    key = aliases.get(key, key)
+    if key not in SAMPLERS:
+        known = sorted(set(SAMPLERS) | set(aliases))
+        raise KeyError(
+            f"unknown sampler {name!r}; known samplers: {', '.join(known)} (add _karras for Karras sigmas)"
+        )
+    return key, karras
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The registry entry for `name` (aliases and a "_karras" suffix allowed); a KeyError lists the names."""
+    return SAMPLERS[canonical_sampler_name(name)[0]]
+
+
+def get_sampler(name: str) -> SamplerFn:
+    """The sampler function registered under `name` (aliases allowed); a KeyError lists the known names."""
+    return sampler_spec(name).fn
+
+
+def sampler_options(name: str) -> dict[str, Any]:
+    """The sampler-specific keyword options of `name` and their defaults (e.g. {"eta": 0.0} for ddim)."""
+    return sampler_spec(name).options
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
-    """Everything a sampling loop needs, built by `sampling_plan`: the sampler, its grid (sigmas, VE,
-    descending to 0; or integer timesteps ending at 0 = alphas_cumprod[0] or -1 = clean), the scaling of
-    unit-variance starting noise (diffusers' `init_noise_sigma`, expressed in this sampler's scaling) and the
-    sampler's own options (eta, ...)."""
+    """Everything a sampling loop needs, built by `sampling_plan`: the sampler's registry entry, its grid
+    (sigmas, VE, descending to 0; or integer timesteps ending at 0 = alphas_cumprod[0] or -1 = clean), the
+    scaling of unit-variance starting noise (diffusers' `init_noise_sigma`, expressed in this sampler's
+    scaling) and the sampler's own options (eta, ...)."""
 
-    sampler: str
-    fn: SamplerFn
+    spec: SamplerSpec
     schedule: NoiseSchedule
     grid: Tensor
-    uses_timesteps: bool
     init_noise_sigma: float
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sampler(self) -> str:
+        """The sampler's registry name."""
+        return self.spec.name
+
+    @property
+    def fn(self) -> SamplerFn:
+        """The sampler's update rule."""
+        return self.spec.fn
+
+    @property
+    def uses_timesteps(self) -> bool:
+        """Whether the grid is integer timesteps (VP-scaled x) rather than sigmas (VE-scaled x)."""
+        return self.spec.uses_timesteps
 
     @property
     def steps(self) -> int:
@@ -181,24 +306,6 @@ class SamplingPlan:
         )
 
 
-_COMMON_ARGS = (
-    "denoiser",
-    "x",
-    "sigmas",
-    "timesteps",
-    "extra_args",
-    "callback",
-    "generator",
-    "noise_sampler",
-)
-
-
-def sampler_options(name: str) -> dict[str, Any]:
-    """The sampler-specific keyword options of `name` and their defaults (e.g. {"eta": 0.0} for ddim)."""
-    params = inspect.signature(get_sampler(name)).parameters.values()
-    return {p.name: p.default for p in params if p.name not in _COMMON_ARGS}
-
-
 def sampling_plan(
     schedule: NoiseSchedule,
     sampler: str = "euler",
@@ -229,39 +336,29 @@ def sampling_plan(
     spacing and whenever steps divides T; elsewhere we step to the next grid timestep, as DDIM defines it.
     """
     name, karras_suffix = canonical_sampler_name(sampler)
+    spec = SAMPLERS[name]
     karras = karras or karras_suffix
-    spacing = spacing or schedule.timestep_spacing or DEFAULT_SPACING[name]
+    spacing = spacing or schedule.timestep_spacing or spec.default_spacing
     steps_offset = schedule.steps_offset if steps_offset is None else steps_offset
-    fn = SAMPLERS[name]
-    known = sampler_options(name)
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise TypeError(f"sampler {name!r} takes no option(s) {unknown}; its options are {known}")
-
-    if name in TIMESTEP_SAMPLERS:
-        if karras:
-            raise ValueError(f"{name} steps on integer timesteps; Karras sigmas need a sigma sampler")
-        timesteps = schedule.timesteps(steps, spacing, steps_offset)
-        # 0: end at alphas_cumprod[0] (diffusers' set_alpha_to_one=False); -1: the clean end, alpha = 1.
-        final = -1 if (name == "ddpm" or set_alpha_to_one) else 0
-        grid = torch.cat([timesteps, timesteps.new_full((1,), final)])
-        init_noise_sigma = 1.0
-    elif name in _DPM_SOLVERS:
-        grid = dpm_solver_grid(schedule, steps, spacing, steps_offset, karras)
-        init_noise_sigma = math.sqrt(float(grid[0]) ** 2 + 1)
-    else:
-        grid = schedule.sampling_sigmas(steps, spacing, steps_offset, karras)
-        sigma_max = float(grid.max())
-        init_noise_sigma = math.sqrt(sigma_max**2 + 1) if spacing == "leading" else sigma_max
-    return SamplingPlan(name, fn, schedule, grid, name in TIMESTEP_SAMPLERS, init_noise_sigma, dict(options))
+        raise TypeError(f"sampler {name!r} takes no option(s) {unknown}; its options are {spec.options}")
+    if karras and spec.uses_timesteps:
+        raise ValueError(f"{name} steps on integer timesteps; Karras sigmas need a sigma sampler")
+    grid, init_noise_sigma = spec.grid(schedule, steps, spacing, steps_offset, karras, set_alpha_to_one)
+    return SamplingPlan(spec, schedule, grid, init_noise_sigma, dict(options))
 
 
 __all__ = [
     "SAMPLERS",
-    "TIMESTEP_SAMPLERS",
+    "SamplerSpec",
     "SamplingPlan",
     "canonical_sampler_name",
+    "ddim_grid",
+    "ddpm_grid",
     "dpm_solver_grid",
+    "dpm_solver_plan_grid",
+    "euler_grid",
     "get_sampler",
     "sample_ddim",
     "sample_ddpm",
@@ -272,5 +369,6 @@ __all__ = [
     "sample_heun",
     "sample_plms",
     "sampler_options",
+    "sampler_spec",
     "sampling_plan",
 ]

@@ -108,8 +108,9 @@ class NoiseSchedule:
 
     `timestep_spacing` and `steps_offset` are the defaults used by `timesteps()` and `sampling_sigmas()`; they
     live here so that a diffusers scheduler config round-trips through this object. `timestep_spacing=None`
-    means "not set": each sampler then uses the default of its diffusers scheduler class (see
-    `ldm.diffusion.samplers.DEFAULT_SPACING`), which is what SD1.5's config, lacking the key, gives there.
+    means "not set": each sampler then uses the default of its diffusers scheduler class (its
+    `SamplerSpec.default_spacing` in `ldm.diffusion.samplers`), which is what SD1.5's config, lacking the
+    key, gives there.
     """
 
     def __init__(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 import numpy as np
 import torch
@@ -53,13 +55,16 @@ def real_ceiling(clf, digits, val: list[int], resolution: int = 32) -> float:
 @torch.no_grad()
 def generated_accuracy(pipe, clf, n: int, steps: int, sampler: str, guidance_scale: float, seed: int) -> dict:
     """Sample n images of every digit with the prompt "a photo of the digit {word}" and classify them."""
-    per_digit = {}
+    per_digit, t0 = {}, time.perf_counter()
     for label, word in enumerate(WORDS):
         images = pipe(
             f"a photo of the digit {word}", num_images_per_prompt=n, steps=steps, sampler=sampler,
             guidance_scale=guidance_scale, seed=seed + 1000 * label, output="tensor",
         )  # fmt: skip
         per_digit[word] = float((clf.predict(to_digit_features(images.cpu())) == label).mean())
+        done, elapsed = label + 1, time.perf_counter() - t0  # progress on stderr: stdout holds the results
+        print(f"digit {done}/{len(WORDS)} ({word}): accuracy {per_digit[word]:.2f}, {elapsed:.0f}s elapsed, "
+              f"ETA {elapsed / done * (len(WORDS) - done):.0f}s", file=sys.stderr, flush=True)  # fmt: skip
     return per_digit
 
 

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resolution", type=int, default=32)
     args = parser.parse_args(argv)
 
+    from ldm.checkpoints import load_autoencoder
     from ldm.data.digits import DigitsDataModule
-    from ldm.systems.autoencoder import load_autoencoder
 
     data = DigitsDataModule(root=args.root, resolution=args.resolution, batch_size=64, num_workers=0)
     data.prepare_data()

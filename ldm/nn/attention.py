@@ -7,6 +7,8 @@ state dict of a `SpatialTransformer` is the one stored in released checkpoints
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,9 @@ class CrossAttention(nn.Module):
     """Multi-head attention of queries from `x` over keys/values from `context` (self-attention when None).
 
     Vaswani et al. 2017; SD's `CrossAttention`. `upcast` computes the attention in fp32, as SD2.1 needs
-    in half precision (its attention logits overflow fp16).
+    in half precision (its attention logits overflow fp16), with autocast disabled around it as
+    Stability-AI/stablediffusion `ldm/modules/attention.py` does (`_ATTN_PRECISION == "fp32"`), and returns
+    the result in the projections' dtype.
     """
 
     def __init__(
@@ -61,11 +65,27 @@ class CrossAttention(nn.Module):
         b, n, _ = q.shape
         # (B, N, H*D) -> (B, H, N, D), the layout SDPA's fused kernels expect.
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        dtype = q.dtype
         if self.upcast:
-            q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+            out = _fp32_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA computed in float32, returned in q's dtype. Inside an autocast region casting q, k, v up is not
+    enough: autocast casts SDPA's inputs back down to the half dtype, so it is switched off here (the
+    reference wraps its fp32 attention in `torch.autocast(enabled=False)` for the same reason)."""
+    device_type = q.device.type
+    # Devices without autocast (meta, used to count parameters) have nothing to switch off.
+    off = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with off:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return out.to(q.dtype)
 
 
 class GEGLU(nn.Module):
@@ -173,7 +193,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # contiguous(): the reshape alone is a channels-last view, which makes proj_out's weight gradient
+        # channels-last too, unlike its weight, so DDP's gradient buckets copy it every step ("Grad strides
+        # do not match bucket view strides", torch/csrc/distributed/c10d/reducer.cpp).
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

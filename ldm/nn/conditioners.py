@@ -12,6 +12,7 @@ caption/label dropout use for "no condition".
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,64 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
+def _hub_offline() -> bool:
+    """Whether the Hugging Face Hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    import huggingface_hub.constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    truthy = ("1", "ON", "YES", "TRUE")
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or any(f.upper() in truthy for f in flags)
+
+
+# A tokenizer's vocabulary: tokenizer.json (the `tokenizers` backend) or vocab.json (+ merges.txt).
+_VOCAB_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _hub_cached(repo_id: str, subfolder: str) -> bool:
+    """Whether the Hugging Face cache holds the vocabulary of `repo_id` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return any(isinstance(try_to_load_from_cache(repo_id, prefix + f), str) for f in _VOCAB_FILES)
+
+
 def _load_tokenizer(source: str, subfolder: str) -> CLIPTokenizer:
-    """CLIP tokenizer from a local folder (offline) or a Hub id (cache or network, as HF_HUB_OFFLINE says)."""
+    """CLIP tokenizer from a local folder, or a Hub id (its local cache; the network only when online).
+
+    A tokenizer that cannot be found is an error that says what to pass, never a stand-in: another
+    tokenizer gives other token ids, so other images, without any other sign. (transformers 5 builds an
+    empty two-token tokenizer from a folder or an uncached Hub id without vocabulary files, hence the
+    checks before and after loading.)
+    """
     # transformers >= 5 has one tokenizers-backed CLIPTokenizer (CLIPTokenizerFast is an alias); on v4 the
     # fast class avoids the slow tokenizer's ftfy fallback. Both read vocab.json + merges.txt.
     import transformers
 
     cls = getattr(transformers, "CLIPTokenizerFast", CLIPTokenizer)
-    local = _is_local(source)
-    return cls.from_pretrained(
-        str(Path(source).expanduser()) if local else source, subfolder=subfolder, local_files_only=local
-    )
+    hint = "pass tokenizer=PATH (a local tokenizer folder, or 'tiny')"
+    if _is_local(source):
+        root = Path(source).expanduser()
+        if not any((root / subfolder / f).is_file() for f in _VOCAB_FILES):
+            where = root / subfolder
+            raise FileNotFoundError(f"{where} holds no tokenizer ({' or '.join(_VOCAB_FILES)}); {hint}")
+        tokenizer = cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+    elif Path(source).expanduser().is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"tokenizer folder {source!r} does not exist; {hint}")
+    elif _hub_cached(source, subfolder):
+        tokenizer = cls.from_pretrained(source, subfolder=subfolder, local_files_only=True)
+    elif _hub_offline():
+        raise OSError(
+            f"tokenizer {source!r} is not in the local Hugging Face cache and the Hub is offline "
+            f"(HF_HUB_OFFLINE); {hint}"
+        )
+    else:
+        try:
+            tokenizer = cls.from_pretrained(source, subfolder=subfolder)
+        except OSError as error:
+            raise OSError(f"tokenizer {source!r} could not be loaded from the Hub; {hint}") from error
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise OSError(f"tokenizer {source!r} loaded without a vocabulary; {hint}")
+    return tokenizer
 
 
 class _TextModelHolder(nn.Module):
@@ -302,11 +350,30 @@ class ClassConditioner(nn.Module):
     state-dict key ``embedding.weight`` is the same.
     """
 
-    def __init__(self, n_classes: int, embed_dim: int, ucg: bool = True):
+    def __init__(
+        self, n_classes: int, embed_dim: int, ucg: bool = True, class_names: Sequence[str] | None = None
+    ):
         super().__init__()
+        if class_names is not None and len(class_names) != n_classes:
+            raise ValueError(f"{len(class_names)} class_names for n_classes={n_classes}")
         self.n_classes = n_classes
         self.ucg = ucg
+        # Names let a sampler ask for "seven" instead of 7; they are part of the exported config.
+        self.class_names = [str(n) for n in class_names] if class_names is not None else None
         self.embedding = nn.Embedding(n_classes + int(ucg), embed_dim)
+
+    def label_index(self, label: int | str) -> int:
+        """The integer label of a class given by index (7, "7") or by name ("seven", case-insensitive)."""
+        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+            names = [n.lower() for n in self.class_names or []]
+            if label.strip().lower() not in names:
+                known = f"one of {self.class_names}" if self.class_names else "an integer (no class names)"
+                raise ValueError(f"unknown class {label!r}: expected {known}")
+            return names.index(label.strip().lower())
+        index = int(label)
+        if not 0 <= index < self.n_classes:
+            raise ValueError(f"class label {index} out of range [0, {self.n_classes})")
+        return index
 
     @property
     def output_dim(self) -> int:

@@ -8,13 +8,13 @@ count those). `disc_start` and `ae_step` count autoencoder steps, i.e. batches, 
 `global_step` meant (one per batch with its two optimizers): the GAN is on for batch index >= disc_start.
 
 After training, `measure_scale_factor` sets the latents' scale (1 / std, CompVis `scale_by_std`) and
-`export` writes the autoencoder as one safetensors file that `load_autoencoder` reads back.
+`export` writes the autoencoder as one safetensors file (`ldm.checkpoints.save_autoencoder`) that
+`ldm.checkpoints.load_autoencoder` reads back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
@@ -28,17 +28,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.checkpoints import read_state_dict, split_state_dict, write_state_dict
-from ldm.checkpoints.build import build_vae, infer_vae_kwargs
-from ldm.checkpoints.configs import vae_config_from_diffusers
-from ldm.checkpoints.diffusers_folder import DIFFUSERS_WEIGHTS, read_folder_weights
-from ldm.checkpoints.vae_map import vae_from_diffusers
+from ldm.checkpoints.autoencoder_file import AUTOENCODER_FILE_NAME, save_autoencoder
 from ldm.losses.autoencoder_loss import AutoencoderLoss
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.ema import EMA
-
-VAE_METADATA_KEY = "ldm.vae"  # safetensors metadata: the AutoencoderKL kwargs (with scale_factor) as JSON
-EXPORT_NAME = "autoencoder.safetensors"
 
 
 def reconstruction_grid(x: Tensor, xrec: Tensor, max_images: int = 8, pad: int = 2) -> Tensor:
@@ -163,7 +156,7 @@ class AutoencoderSystem(pl.LightningModule):
                 self._step(opt_d, d_loss)
             logs.update(d_logs)
         self.ae_step += 1
-        if self.ema is not None:
+        if self.ema is not None:  # right after this batch's steps, so the EMA holds the last one too
             self.ema.update(self.autoencoder)
         logs["ae_step"] = torch.tensor(float(self.ae_step))
         b = x.shape[0]
@@ -171,6 +164,12 @@ class AutoencoderSystem(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)
 
     # ----------------------------------------------------------------------------------------- validation
+    @property
+    def val_metrics(self) -> tuple[str, ...]:
+        """What validation logs (no `val/loss`): checkpoint monitors are checked against it at start-up."""
+        lpips = ("val/lpips",) if self.loss.perceptual is not None else ()
+        return ("val/rec_loss", "val/nll", "val/kl", "val/psnr", "val/ssim", *lpips)
+
     def ema_weights(self) -> contextlib.AbstractContextManager:
         """Within the block the autoencoder holds its EMA weights (a no-op without EMA)."""
         if self.ema is None:
@@ -296,7 +295,7 @@ class AutoencoderSystem(pl.LightningModule):
         measured first if it was not yet. Returns the file written (only rank zero writes)."""
         path = Path(path)
         if path.suffix != ".safetensors":
-            path = path / EXPORT_NAME
+            path = path / AUTOENCODER_FILE_NAME
         if not self.scale_factor_measured:
             device = trainer.strategy.root_device if trainer is not None else None
             self.measure_scale_factor(datamodule=datamodule, device=device)
@@ -304,54 +303,3 @@ class AutoencoderSystem(pl.LightningModule):
             return path
         shadow = self.ema.shadow if self.ema is not None else None
         return save_autoencoder(self.autoencoder, path, ema_shadow=shadow, global_step=self.ae_step)
-
-
-def save_autoencoder(
-    autoencoder: AutoencoderKL,
-    path: str | os.PathLike,
-    ema_shadow: dict[str, Tensor] | None = None,
-    global_step: int | None = None,
-) -> Path:
-    """Write `autoencoder` as `load_autoencoder` reads it: bare `encoder.*`/`decoder.*` keys (as released
-    standalone VAEs) with the constructor kwargs, scale_factor included, as JSON in metadata "ldm.vae";
-    `ema_shadow` replaces the weights it covers."""
-    state = autoencoder.state_dict()
-    if ema_shadow is not None:
-        state.update({k: v.to(state[k].dtype) for k, v in ema_shadow.items()})
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in autoencoder.config.items()}
-    meta = {VAE_METADATA_KEY: json.dumps(config), "ldm.ema": str(ema_shadow is not None).lower()}
-    return write_state_dict(
-        Path(path), {k: v.cpu() for k, v in state.items()}, metadata=meta, global_step=global_step
-    )
-
-
-def _vae_from_diffusers_dir(folder: Path, allow_pickle: bool) -> AutoencoderKL:
-    """A diffusers `AutoencoderKL` folder (config.json + diffusion_pytorch_model.*)."""
-    config = json.loads((folder / "config.json").read_text())
-    weights = read_folder_weights(folder, (DIFFUSERS_WEIGHTS,), allow_pickle=allow_pickle)
-    return build_vae(vae_from_diffusers(weights), vae_config_from_diffusers(config))
-
-
-def load_autoencoder(path: str | os.PathLike, *, allow_pickle: bool = False) -> AutoencoderKL:
-    """An AutoencoderKL (eval mode) with its scale factor from: our `export` file; an original SD single
-    file (`first_stage_model.*`) or standalone VAE file (bare `encoder.*`, e.g. vae-ft-mse-840000); a
-    diffusers pipeline folder (its `vae/`) or a diffusers VAE folder. Files without our metadata get their
-    architecture from the weights and SD's 0.18215; diffusers folders their config's `scaling_factor`."""
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"{path}: not a diffusers pipeline folder with vae/ nor a diffusers VAE folder")
-        return _vae_from_diffusers_dir(folder, allow_pickle)
-    state_dict, info = read_state_dict(path, allow_pickle=allow_pickle)
-    meta = info.get("metadata", {})
-    vae = split_state_dict(state_dict)[0]["vae"]
-    if not vae:
-        raise ValueError(f"{path} holds no autoencoder weights (first_stage_model.* or encoder.*/decoder.*)")
-    if VAE_METADATA_KEY in meta:
-        kwargs = json.loads(meta[VAE_METADATA_KEY])
-    elif "ldm" in meta and "vae" in json.loads(meta["ldm"]):  # a single file saved by our Pipeline
-        kwargs = json.loads(meta["ldm"])["vae"]
-    else:
-        kwargs = infer_vae_kwargs(vae)
-    return build_vae(vae, kwargs)

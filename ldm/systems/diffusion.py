@@ -28,6 +28,8 @@ from ldm.nn.unet import UNetModel
 class LatentDiffusionSystem(pl.LightningModule):
     """Trainable UNet in the latent space of a frozen autoencoder, conditioned by a frozen conditioner."""
 
+    val_metrics = ("val/loss",)  # what validation logs: checkpoint monitors are checked against it
+
     def __init__(
         self,
         unet: UNetModel,
@@ -44,6 +46,8 @@ class LatentDiffusionSystem(pl.LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         init_from: str | None = None,
+        init_from_ema: bool = False,
+        sample_size: int | None = None,
         sample_posterior: bool = True,
         log_buckets_every_n_steps: int = 100,
         seed: int = 0,
@@ -72,11 +76,14 @@ class LatentDiffusionSystem(pl.LightningModule):
         self.cond_key, self.ucg_rate = cond_key, ucg_rate
         self.sample_posterior = sample_posterior
         self.seed = seed
+        # Latent side the model is built for (diffusers' unet `sample_size`): the default image side of
+        # its samples, and what the data's resolution must give (ldm.training.checks).
+        self.sample_size = sample_size
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         if init_from:
-            self.load_weights_from(init_from)
+            self.load_weights_from(init_from, use_ema=init_from_ema)
         self.ema = EMA(self.unet, **ema) if ema else None
         # Compiled forward kept outside the module tree, so state-dict keys stay the original ones.
         object.__setattr__(self, "_unet_forward", torch.compile(self.unet) if compile else self.unet)
@@ -89,11 +96,20 @@ class LatentDiffusionSystem(pl.LightningModule):
         self.conditioner.eval()
         return self
 
-    def load_weights_from(self, path: str) -> None:
-        """Initialize UNet, autoencoder and text encoder from anything `ldm.load_pipeline` reads."""
+    def load_weights_from(self, path: str, use_ema: bool = False) -> None:
+        """Initialize UNet, autoencoder and text encoder from anything `ldm.load_pipeline` reads.
+
+        A file holding both trained and EMA UNet weights (a "full" CompVis checkpoint, a run's last.ckpt)
+        gives the trained ones unless `use_ema`: fine-tuning continues the optimized weights, the EMA copy
+        is for sampling (CompVis/stable-diffusion README, Stability-AI/generative-models `sgm` configs).
+        Files with one copy (EMA-only releases, our exports) give that copy either way."""
         from ldm.pipeline_io import load_pipeline
 
-        pipe = load_pipeline(path)
+        # A single file carries no tokenizer; the text encoder's vocabulary is the conditioner's own.
+        tokenizer = getattr(self.conditioner, "tokenizer_source", None)
+        if tokenizer is None and hasattr(self.conditioner, "tokenizer"):
+            tokenizer = self.conditioner.tokenizer.name_or_path
+        pipe = load_pipeline(path, use_ema=use_ema, tokenizer=tokenizer)
         self.unet.load_state_dict(pipe.unet.state_dict())
         self.autoencoder.load_state_dict(pipe.vae.state_dict())
         self.autoencoder.scale_factor = pipe.vae.scale_factor
@@ -105,7 +121,13 @@ class LatentDiffusionSystem(pl.LightningModule):
         """Images in [-1, 1] -> scaled latents z0, in fp32 whatever the autocast (SD's VAE overflows fp16)."""
         with torch.autocast(self.device.type, enabled=False):
             posterior = self.autoencoder.encode(images.float())
-            z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+            if not self.sample_posterior:
+                z = posterior.mode()
+            elif generator is None or generator.device == posterior.mean.device:
+                z = posterior.sample(generator)
+            else:  # e.g. validation's CPU generator on a GPU: draw where the generator lives, then move
+                noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
+                z = posterior.mean + posterior.std * noise.to(posterior.mean)
         return z * self.autoencoder.scale_factor
 
     def step_generator(self) -> torch.Generator:
@@ -151,8 +173,14 @@ class LatentDiffusionSystem(pl.LightningModule):
                 self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
         return mean
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """Right after each optimizer step (also with gradient accumulation): update the EMA."""
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """Step, then fold the new weights into the EMA (CompVis `ddpm.py` updates `model_ema` after each
+        step in `on_train_batch_end`). Lightning calls this hook only for the micro-batches that step, so
+        with gradient accumulation the EMA sees each optimizer step once; `on_before_zero_grad` would be
+        one step late in Lightning 2.x, where zero_grad runs inside the next batch's closure."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
             self.ema.update(self.unet)
 
@@ -166,11 +194,12 @@ class LatentDiffusionSystem(pl.LightningModule):
             yield
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise and timesteps per batch (a CPU generator, the same on any device): the validation
-        # loss of one evaluation is comparable with the next.
+        # Fixed posterior sample, noise and timesteps per batch, none drawn from the global RNG: the
+        # validation loss of one evaluation is comparable with the next. A CPU generator: the same draws
+        # on any device.
         g = torch.Generator().manual_seed(batch_idx)
         with self.ema_weights():
-            z0 = self.encode(batch["image"])
+            z0 = self.encode(batch["image"], g)
             context = self.conditioning(batch, drop=False)
             loss, _ = self.loss_fn(self.unet, z0, context.to(z0.dtype), generator=g)
         self.log("val/loss", loss.mean(), prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
@@ -216,7 +245,6 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.schedule.to(device=self.device),
             self.prediction_type,
             sample_size=getattr(self, "sample_size", None),
-            tokenizer_source=getattr(self.conditioner, "tokenizer_source", None),
         )
 
     def export(

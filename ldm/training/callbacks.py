@@ -1,14 +1,18 @@
-"""Training callbacks: sample grids from validation prompts, and throughput (images/s, samples seen)."""
+"""Training callbacks: sample grids from validation prompts, throughput (images/s, samples seen), and a
+console summary of the samples the data pipeline skipped."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from ldm.data.stats import accumulate
 from ldm.utils.images import image_grid
 
 
@@ -58,8 +62,11 @@ class SampleGrid(pl.Callback):
             pipe = pl_module.to_pipeline(use_ema=True)
             if hasattr(trainer, "datamodule") and hasattr(trainer.datamodule, "resolution"):
                 pipe.sample_size = trainer.datamodule.resolution // pipe.vae.downsampling_factor
+            # A class-conditional model has no prompts: it draws every class instead.
+            classes = getattr(pipe.conditioner, "n_classes", None)
+            cond = dict(labels=list(range(classes))) if classes else dict(prompt=self.prompts)
             with torch.no_grad():
-                images = pipe(self.prompts, **self.kwargs)
+                images = pipe(**cond, **self.kwargs)
         finally:
             pl_module.train(was_training)
         grid = image_grid(images, cols=self.n_per_prompt if self.n_per_prompt > 1 else None)
@@ -107,3 +114,100 @@ class Throughput(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = int(state.get("samples_seen", 0))
+
+
+def _sum_over_ranks(trainer: pl.Trainer, counts: Counter[str]) -> Counter[str]:
+    """Each rank's skip counts added up (every rank must call this: it is a collective under DDP)."""
+    dist = torch.distributed
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return Counter(counts)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: Counter[str] = Counter()
+    for part in gathered:
+        accumulate(total, part)
+    return total
+
+
+def format_skipped(counts: Mapping[str, int], what: str = "samples") -> str:
+    """The total, then each reason, most frequent first: `3 samples (decode_error 2, too_small 1)`."""
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+    total = sum(counts.values())
+    return f"{total} {what}" + (f" ({reasons})" if reasons else "")
+
+
+class SkippedSamples(pl.Callback):
+    """Prints on rank zero, after each validation and at the end of training, one line with the samples
+    the data pipeline skipped so far, by reason (the reasons of `ldm.data.stats.SKIP_REASONS`), e.g.
+    `data: skipped 3 training samples (decode_error 2, too_small 1); validation skipped 0 samples`.
+    Silent while nothing was skipped. The system still logs the counts as metrics; this puts them on the
+    console.
+
+    Counts come from the datamodule's running totals (`skip_counts`, `val_skip_counts`: complete, also
+    counting what a loader skipped after its last batch or at scan time), else from the batches'
+    `"skipped"` dicts; under DDP they are summed over ranks. They cover this process' run, not earlier
+    runs a resumed run continues."""
+
+    def __init__(self, key: str = "skipped"):
+        self.key = key
+        self.train_counts: Counter[str] = Counter()  # from batches, when the datamodule keeps no totals
+        self.val_counts: Counter[str] = Counter()
+        self._val_seen: Counter[str] = Counter()  # the datamodule's validation total at the last report
+
+    def _datamodule_counts(self, trainer: pl.Trainer, attr: str) -> Counter[str] | None:
+        counts = getattr(getattr(trainer, "datamodule", None), attr, None)
+        return counts if isinstance(counts, Counter) else None
+
+    def _train_total(self, trainer: pl.Trainer) -> Counter[str]:
+        return self._datamodule_counts(trainer, "skip_counts") or self.train_counts
+
+    def _val_total(self, trainer: pl.Trainer) -> Counter[str]:
+        counts = self._datamodule_counts(trainer, "val_skip_counts")
+        if counts is None:
+            return Counter(self.val_counts)
+        return Counter(counts) - self._val_seen  # this validation's share of the running total
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if isinstance(batch, Mapping):
+            accumulate(self.train_counts, batch.get(self.key))
+
+    def _mark_validation_seen(self, trainer: pl.Trainer) -> None:
+        # Not at validation start: Lightning has already fetched the first batch (and counted its skips)
+        # by the time on_validation_epoch_start runs.
+        self._val_seen = Counter(self._datamodule_counts(trainer, "val_skip_counts") or {})
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        self._mark_validation_seen(trainer)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.val_counts = Counter()
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int, dl_idx: int = 0
+    ) -> None:
+        if isinstance(batch, Mapping):
+            accumulate(self.val_counts, batch.get(self.key))
+
+    def _report(self, trainer: pl.Trainer, with_validation: bool) -> None:
+        train = _sum_over_ranks(trainer, self._train_total(trainer))
+        val = _sum_over_ranks(trainer, self._val_total(trainer)) if with_validation else Counter()
+        if not trainer.is_global_zero or not (train.total() or val.total()):
+            return
+        line = f"data: skipped {format_skipped(train, 'training samples')}"
+        if with_validation:
+            line += f"; validation skipped {format_skipped(val)}"
+        bar = trainer.progress_bar_callback
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(line)  # above a live progress bar instead of through it
+        else:
+            print(line, flush=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not trainer.sanity_checking:  # the sanity check's few batches are read again later
+            self._report(trainer, with_validation=True)
+        self._mark_validation_seen(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._report(trainer, with_validation=False)

@@ -29,11 +29,19 @@ def default_precision(accelerator: str) -> str:
     return "32-true" if str(accelerator) == "cpu" else "bf16-mixed"
 
 
+def first_set(*values):
+    """The first argument that is not null (`${ldm.first_set:${out_dir},outputs/...}`): a folder the user
+    may give, else a default."""
+    return next((v for v in values if v is not None), None)
+
+
 def register_resolvers() -> None:
     """Make `${ldm.wandb_offline:}` and `${ldm.asset:NAME}` available to Hydra configs; safe to call twice."""
     if not OmegaConf.has_resolver("ldm.wandb_offline"):
         OmegaConf.register_new_resolver("ldm.wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("ldm.precision"):
         OmegaConf.register_new_resolver("ldm.precision", default_precision)
+    if not OmegaConf.has_resolver("ldm.first_set"):
+        OmegaConf.register_new_resolver("ldm.first_set", first_set)
     if not OmegaConf.has_resolver("ldm.asset"):
         OmegaConf.register_new_resolver("ldm.asset", asset)

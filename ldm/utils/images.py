@@ -14,7 +14,9 @@ from PIL.PngImagePlugin import PngInfo
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The settings in the "parameters" text that A1111 / ComfyUI show for a PNG (prompt, then a line of
     "Key: value" pairs), so the images carry their recipe in the form those tools read."""
-    lines = [meta["prompt"]]
+    # A class-conditional model's images have a class label instead of a prompt.
+    label = meta.get("class_name") or meta.get("label")
+    lines = [meta["prompt"] if meta.get("prompt") is not None else f"class {label}"]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     lines.append(

@@ -1,0 +1,187 @@
+"""Every experiment (configs/experiment/*.yaml) runs end to end through `python train.py`: its recipe as
+written (data pipeline, filters, strategy, precision, loggers, callbacks, schedules), with only the networks
+shrunk to tiny sizes, the data pointed at digit shards and the step counts cut. Each leaves an export that
+loads. And the start-up checks: data that does not fit the model, and a checkpoint monitor on a metric the
+model never logs, stop the run before training with the keys to change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import ldm
+from ldm.data.digits import prepare_digits
+from tests.tiny import REPO
+from tests.train_utils import run_train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs/experiment").glob("*.yaml"))
+TINY_STEPS = ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
+# Messages a user can do nothing about (filtered in ldm/training/warnings.py, or fixed at the source).
+NOISE = (
+    "litlogger", "manual optimization", "module(s) in eval mode", "LeafSpec", "anonymous setting",
+    "bucket view strides", "not supported by the model summary", "`IterableDataset` has `__len__`",
+)  # fmt: skip
+
+
+def assert_quiet(proc: subprocess.CompletedProcess) -> None:
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, noise
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Digit shards at 32 px (what the digits experiments read) and 64 px (SD-shaped runs: 8x8 latents)."""
+    root = tmp_path_factory.mktemp("experiments") / "digits"
+    for resolution in (32, 64):
+        prepare_digits(root, resolution=resolution)
+    return root
+
+
+def urls(shards: Path, resolution: int, split: str) -> str:
+    """A brace pattern over the split's shards, quoted for Hydra as the README shows it."""
+    names = sorted(p.stem for p in (shards / f"{resolution}px" / split).glob("*.tar"))
+    return f"'{shards}/{resolution}px/{split}/{{{names[0]}..{names[-1]}}}.tar'"
+
+
+def load_autoencoder_file(path: Path):
+    """Load an exported autoencoder the way stage two does: through the digits model's `autoencoder` node."""
+    node = OmegaConf.load(REPO / "configs/model/ldm/digits.yaml").autoencoder
+    node.path = str(path)
+    return instantiate(node)
+
+
+def sd_overrides(experiment: str, shards: Path, sd_folder: Path) -> list[str]:
+    """An SD recipe with tiny networks: the tiny UNet, and the tiny SD-shaped diffusers folder's f=8
+    autoencoder and CLIP text encoder (local files, as offline users pass them)."""
+    return [
+        f"experiment={experiment}", "model/unet=tiny", f"model.autoencoder.path={sd_folder}",
+        f"model.conditioner.version={sd_folder}", "model.conditioner.subfolder=text_encoder",
+        "model.conditioner.config=null",  # the tiny encoder's architecture, from its folder
+        f"data.urls={urls(shards, 64, 'train')}", f"data.val_urls={urls(shards, 64, 'val')}",
+        "data.resolution=64", "model.sample_size=8", "data.filters.min_size=64", "data.batch_size=2",
+        "data.num_workers=0", "data.shuffle_buffer=16",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2", *TINY_STEPS,
+    ]  # fmt: skip
+
+
+def test_every_experiment_has_a_run_here():
+    assert EXPERIMENTS == ["ae_kl_f8", "digits", "digits_ae", "sd15_laion", "sd21_v_laion"]
+
+
+def test_digits(shards, tmp_path):
+    run = tmp_path / "digits"
+    proc = run_train(
+        run, "experiment=digits", f"paths.data_dir={shards.parent}", "data.batch_size=8",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.sample_grid.steps=2", "callbacks.sample_grid.n_per_prompt=1", *TINY_STEPS,
+    )  # fmt: skip
+    ckpts = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
+    assert {"last.ckpt", "step0000002.ckpt"} <= ckpts
+    assert any(n.startswith("best-step0000002-") for n in ckpts)  # by val/loss
+    assert (run / "samples" / "step_0000002.png").is_file()
+    assert_quiet(proc)
+    images = ldm.load_pipeline(run / "export")("a photo of the digit one", steps=2, seed=0, output="tensor")
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_digits_ae_exports_an_autoencoder_stage_two_loads(shards, tmp_path):
+    """Validation on, the discriminator joining, the best checkpoint kept by val/psnr, the export loadable."""
+    run = tmp_path / "digits_ae"
+    proc = run_train(
+        run, "experiment=digits_ae", f"paths.data_dir={shards.parent}", "data.batch_size=8",
+        "model.disc_start=2", "trainer.max_steps=6", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "model.scale_factor_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2", *TINY_STEPS,
+    )  # fmt: skip
+    assert f"run folder: {run.resolve()}" in proc.stdout  # printed first: where to look
+    assert any(p.name.startswith("best-step") and "psnr" in p.name for p in (run / "checkpoints").iterdir())
+    ae = load_autoencoder_file(run / "export" / "autoencoder.safetensors")
+    assert ae.downsampling_factor == 4 and 0 < ae.scale_factor != 1.0  # measured at export
+    assert_quiet(proc)
+
+
+def test_ae_kl_f8(shards, tmp_path):
+    """The released KL-f8 recipe (LPIPS, 3-layer PatchGAN, scaled LR, DDP, wandb) on a tiny autoencoder;
+    the LPIPS trunk is random here (the ImageNet VGG16 file is not available offline)."""
+    run = tmp_path / "ae_kl_f8"
+    proc = run_train(
+        run, "experiment=ae_kl_f8", "model/autoencoder=tiny", "model.loss.perceptual.pretrained=false",
+        f"data.urls={urls(shards, 32, 'train')}", f"data.val_urls={urls(shards, 32, 'val')}",
+        "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=16",
+        "trainer.accelerator=cpu", "trainer.devices=1", "model.disc_start=2", "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "model.scale_factor_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2", *TINY_STEPS,
+    )  # fmt: skip
+    assert any(p.name.startswith("best-step") for p in (run / "checkpoints").iterdir())
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert_quiet(proc)
+    ae = load_autoencoder_file(run / "export" / "autoencoder.safetensors")
+    assert ae.downsampling_factor == 4
+
+
+@pytest.mark.parametrize(
+    "experiment, prediction", [("sd15_laion", "epsilon"), ("sd21_v_laion", "v_prediction")]
+)
+def test_sd_recipes(experiment, prediction, shards, tiny_sd_folder, tmp_path):
+    run = tmp_path / experiment
+    extra = []
+    if experiment == "sd21_v_laion":  # SD2's UNet traits: head width instead of count, linear projections
+        extra = ["model.unet.num_heads=-1", "model.unet.num_head_channels=16",
+                 "model.unet.use_linear_in_transformer=true", "model.unet.upcast_attention=true"]  # fmt: skip
+    proc = run_train(run, *sd_overrides(experiment, shards, tiny_sd_folder), *extra)
+    assert_quiet(proc)  # here also wandb's, DDP's and bf16's
+    ckpts = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(n.startswith("best-step") for n in ckpts)
+    assert (run / "samples" / "step_0000002.png").is_file()
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.ema.decay == 0.9999  # the recipe, kept
+    pipe = ldm.load_pipeline(run / "export")
+    assert pipe.prediction_type == prediction and pipe.sample_size == 8
+    assert pipe("a photo of the digit two", steps=2, seed=0, output="tensor").shape == (1, 3, 64, 64)
+
+
+def run_failing(tmp_path: Path, *overrides: str) -> str:
+    """`python train.py ...` expected to stop at start-up: its stderr (without HYDRA_FULL_ERROR, as users
+    see it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+    return proc.stderr
+
+
+def test_data_that_does_not_fit_the_model_stops_at_start_up(shards, tmp_path):
+    """The digits model (8x8 latents) on 256 px shards: 64x64 latents at batch 64 (14 GB) without it."""
+    data = ["data=webdataset", f"data.urls={urls(shards, 32, 'train')}", "data.resolution=256"]
+    err = run_failing(tmp_path, *data)
+    assert "data.resolution=256" in err and "model.sample_size=8" in err and "data.resolution=32" in err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], ["'val/loss'", "val/psnr", "callbacks=autoencoder"]),  # the monitor of callbacks=ldm
+        (["callbacks.best_checkpoint=null"], ["callbacks.sample_grid", "callbacks=autoencoder"]),
+    ],
+    ids=["monitor", "sample_grid"],
+)
+def test_callbacks_an_autoencoder_cannot_serve_stop_at_start_up(overrides, message, shards, tmp_path):
+    """digits_ae with the latent diffusion callbacks: before, both failed after training (no val/loss to
+    monitor; AutoencoderSystem has no to_pipeline to sample with)."""
+    err = run_failing(
+        tmp_path, "experiment=digits_ae", "callbacks=ldm", f"paths.data_dir={shards.parent}", *overrides
+    )
+    for part in message:
+        assert part in err
