@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ldm.checkpoints import (
+    atomic_write,
     detect_format,
     drop_last_text_layers,
     infer_clip_text_config,
@@ -345,7 +346,9 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, format: str = "ldm") 
         save_single_file(path / LDM_WEIGHTS, _components(pipe))
         if pipe.tokenizer is not None:
             pipe.tokenizer.save_pretrained(str(path / "tokenizer"))
-        (path / LDM_CONFIG).write_text(json.dumps(cfg, indent=2))
+        # Last and atomic (tmp + fsync + rename): the folder's config appears only once its weights are whole.
+        text = json.dumps(cfg, indent=2)
+        atomic_write(path / LDM_CONFIG, lambda tmp: Path(tmp).write_text(text))
     elif format == "single_file":
         path = single_file_path(path)
         meta = {"ldm": json.dumps(cfg)}

@@ -14,7 +14,15 @@ from ldm.checkpoints.configs import (
 )
 from ldm.checkpoints.detect import detect_format, is_run_folder
 from ldm.checkpoints.diffusers_folder import DiffusersFolder, load_diffusers_folder, save_diffusers_folder
-from ldm.checkpoints.io import UnsafeCheckpointError, atomic_write, read_state_dict, write_state_dict
+from ldm.checkpoints.io import (
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    atomic_write,
+    check_safetensors,
+    check_training_checkpoint,
+    read_state_dict,
+    write_state_dict,
+)
 from ldm.checkpoints.single_file import (
     SingleFileCheckpoint,
     join_state_dict,
@@ -34,10 +42,13 @@ from ldm.checkpoints.unet_map import unet_from_diffusers, unet_to_diffusers
 from ldm.checkpoints.vae_map import vae_from_diffusers, vae_to_diffusers
 
 __all__ = [
+    "DamagedCheckpointError",
     "DiffusersFolder",
     "SingleFileCheckpoint",
     "UnsafeCheckpointError",
     "atomic_write",
+    "check_safetensors",
+    "check_training_checkpoint",
     "detect_format",
     "drop_last_text_layers",
     "fit_clip_keys",

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from ldm.checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from ldm.checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_safetensors
 
 CheckpointFormat = Literal["diffusers", "single_file", "ldm_run"]
 
@@ -39,6 +39,7 @@ def is_ldm_run_state_dict(keys: Iterable[str]) -> bool:
 def _peek_keys(path: Path) -> list[str]:
     """State-dict keys of a weight file without reading the tensors where the format allows it."""
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        check_safetensors(path)  # a truncated file: an error naming it, not safetensors' anonymous one
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     try:

@@ -156,7 +156,9 @@ class AutoencoderSystem(pl.LightningModule):
                 self._step(opt_d, d_loss)
             logs.update(d_logs)
         self.ae_step += 1
-        if self.ema is not None:  # right after this batch's steps, so the EMA holds the last one too
+        # Right after this batch's steps, so the EMA holds the last one too; not after a step that the
+        # non-finite guard (ldm/training/nonfinite.py) skipped.
+        if self.ema is not None and not getattr(self, "nonfinite_skipped", False):
             self.ema.update(self.autoencoder)
         logs["ae_step"] = torch.tensor(float(self.ae_step))
         b = x.shape[0]

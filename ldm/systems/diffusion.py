@@ -179,9 +179,10 @@ class LatentDiffusionSystem(pl.LightningModule):
         """Step, then fold the new weights into the EMA (CompVis `ddpm.py` updates `model_ema` after each
         step in `on_train_batch_end`). Lightning calls this hook only for the micro-batches that step, so
         with gradient accumulation the EMA sees each optimizer step once; `on_before_zero_grad` would be
-        one step late in Lightning 2.x, where zero_grad runs inside the next batch's closure."""
+        one step late in Lightning 2.x, where zero_grad runs inside the next batch's closure. A step that
+        the non-finite guard (ldm/training/nonfinite.py) skipped leaves the EMA as it is too."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema is not None:
+        if self.ema is not None and not getattr(self, "nonfinite_skipped", False):
             self.ema.update(self.unet)
 
     @contextlib.contextmanager
