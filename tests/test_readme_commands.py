@@ -93,6 +93,11 @@ COMMANDS: dict[str, Run | Skip] = {
         TRAIN + " trainer.max_steps=3 callbacks.model_checkpoint.every_n_train_steps=1",
         ["runs/digits/checkpoints/step0000003.ckpt", "runs/digits/csv/version_1"],  # it trained on
     ),
+    "python train.py hydra.run.dir=runs/digits resume=auto": Run(
+        "digits",
+        TRAIN + " trainer.max_steps=4 callbacks.model_checkpoint.every_n_train_steps=1",
+        ["runs/digits/checkpoints/step0000004.ckpt", "runs/digits/csv/version_2"],  # went on from step 3
+    ),
     "python train.py model=ldm/sd15 trainer=gpu data=folder data.root=/my/images data.resolution=512 "
     f"model.init_from={SD15} model.autoencoder.path={SD15} model.conditioner.version={CLIP_L}": Skip(
         "needs the released SD1.5 weights and a GPU"
