@@ -106,9 +106,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         from ldm.pipeline_io import load_pipeline
 
         # A single file carries no tokenizer; the text encoder's vocabulary is the conditioner's own.
-        tokenizer = getattr(self.conditioner, "tokenizer_source", None)
-        if tokenizer is None and hasattr(self.conditioner, "tokenizer"):
-            tokenizer = self.conditioner.tokenizer.name_or_path
+        tokenizer = getattr(getattr(self.conditioner, "tokenizer", None), "name_or_path", None)
         pipe = load_pipeline(path, use_ema=use_ema, tokenizer=tokenizer)
         self.unet.load_state_dict(pipe.unet.state_dict())
         self.autoencoder.load_state_dict(pipe.vae.state_dict())
@@ -245,7 +243,7 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.conditioner,
             self.schedule.to(device=self.device),
             self.prediction_type,
-            sample_size=getattr(self, "sample_size", None),
+            sample_size=self.sample_size,
         )
 
     def export(
