@@ -18,7 +18,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
-from tqdm import tqdm
 
 from ldm.training.resolvers import register_resolvers
 
@@ -76,7 +75,8 @@ def read_labels(cfg: DictConfig, pipe) -> list[int]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     import ldm
-    from ldm.utils.images import image_grid, save_png
+    from ldm.generate import generate
+    from ldm.utils.images import image_grid
 
     check_settings(cfg)
     prompts = read_prompts(cfg)
@@ -101,31 +101,15 @@ def main(cfg: DictConfig) -> None:
 
     jobs = [c for c in conds for _ in range(cfg.n)]  # image i: condition jobs[i], seed + i
     images, records = [], []
-    bar = tqdm(total=len(jobs), desc="sampling", unit="img")
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start : start + cfg.batch_size]
-        text = dict(prompt=batch, negative_prompt=cfg.negative_prompt) if not labels else dict(labels=batch)
-        out = pipe(
-            **text, steps=steps, guidance_scale=cfg.guidance_scale,
-            sampler=cfg.sampler.name, seed=seed + start, height=height, width=width, init_image=init_image,
-            strength=cfg.strength if init_image is not None else None, mask=mask,
-            guidance_rescale=cfg.guidance_rescale, decode_batch_size=cfg.decode_batch_size, **sampler_kwargs,
-        )  # fmt: skip
-        for i, (cond, image) in enumerate(zip(batch, out), start=start):
-            meta = dict(
-                file=f"{i:05d}.png", prompt=None if labels else cond,
-                negative_prompt=None if labels else cfg.negative_prompt, seed=seed + i,
-                sampler=cfg.sampler.name, steps=steps, guidance_scale=cfg.guidance_scale,
-                height=height, width=width,
-            )  # fmt: skip
-            if labels:
-                names = pipe.conditioner.class_names
-                meta.update(label=cond, class_name=names[cond] if names else None)
-            save_png(image, out_dir / meta["file"], dict(meta, ckpt=str(cfg.ckpt)))
-            images.append(image)
-            records.append(meta)
-        bar.update(len(batch))
-    bar.close()
+    for _, batch_records, batch_images in generate(
+        pipe, jobs, out_dir, seed=seed, batch_size=cfg.batch_size, sampler=cfg.sampler.name, steps=steps,
+        guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, labels=bool(labels),
+        ckpt=str(cfg.ckpt), height=height, width=width, init_image=init_image,
+        strength=cfg.strength if init_image is not None else None, mask=mask,
+        guidance_rescale=cfg.guidance_rescale, decode_batch_size=cfg.decode_batch_size, **sampler_kwargs,
+    ):  # fmt: skip
+        records += batch_records
+        images += batch_images
     with open(out_dir / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     if cfg.grid:
