@@ -12,7 +12,7 @@ from tests.tiny import REPO
 
 
 def save_tiny_clip(path: Path, seed: int = 0) -> Path:
-    """A random CLIPModel + CLIPProcessor (bundled tiny tokenizer, 32 px images) saved with save_pretrained."""
+    """A random CLIPModel + CLIPProcessor (bundled tiny tokenizer, 32 px images) via save_pretrained."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(REPO / "ldm/assets/tiny_clip_tokenizer")
@@ -32,14 +32,16 @@ def save_random_inception(path: Path, seed: int = 0) -> Path:
     """The TF InceptionV3 with random weights, saved as a plain state dict like the released .pth file."""
     from ldm.eval.inception import InceptionV3Features
 
-    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     net = InceptionV3Features()
-    with torch.no_grad():  # running statistics away from (0, 1), so that loading them is visible
-        for name, buf in net.named_buffers():
-            if name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-            elif name.endswith("running_mean"):
-                buf.normal_(0, 0.1)
+    with torch.no_grad():  # He-normal convolutions and near-identity batch norms keep the signal alive
+        for name, t in net.state_dict().items():
+            if name.endswith("conv.weight"):
+                t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
+            elif name.endswith(("bn.weight", "running_var")):
+                t.copy_(1 + 0.1 * torch.rand(t.shape, generator=g))
+            elif name.endswith(("bn.bias", "running_mean")):
+                t.copy_(0.05 * torch.randn(t.shape, generator=g))
     torch.save(net.state_dict(), path)
     return path
 
@@ -49,10 +51,12 @@ class TinyFeatures(nn.Module):
 
     identity = "tiny-random-conv16"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, weights: str | None = None):
         super().__init__()
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(3, 16, 5, stride=2)
+        if weights is not None:  # the config's `weights` key, so that the inception config can be reused
+            self.load_state_dict(torch.load(weights, weights_only=True))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(images.float() / 127.5 - 1)).mean(dim=(2, 3))

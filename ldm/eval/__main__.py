@@ -123,7 +123,8 @@ def main(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     check(cfg)
-    state = PartialState()
+    # cpu=True lets a CPU-only torchrun / accelerate group form (gloo); on GPUs each process takes its own.
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     out_dir = [str(HydraConfig.get().runtime.output_dir)]
     if state.num_processes > 1:
         broadcast_object_list(out_dir)  # the main process's folder (its clock names it)
