@@ -53,6 +53,10 @@ class Skip:
 SD15 = "/models/v1-5-pruned-emaonly.safetensors"
 CLIP_L = "/models/clip-vit-large-patch14"
 SET_UP = "set-up: CI (.ci/run) runs it in a fresh clone and environment"
+COCO = (
+    "needs SD1.5 weights, COCO shards, the Inception weights file and a CLIP model; the same code runs on "
+    "the digits above and in tests/test_eval_script.py"
+)
 
 COMMANDS: dict[str, Run | Skip] = {
     "python -m venv .venv && . .venv/bin/activate": Skip(SET_UP),
@@ -126,6 +130,36 @@ COMMANDS: dict[str, Run | Skip] = {
     "out_dir=samples/wide": Run("digits", "steps=2", ["samples/wide/00001.png"]),
     'python sample.py ckpt=runs/digits prompt="a photo of the digit eight" init_image=samples/00000.png '
     "strength=0.6 out_dir=samples/img2img": Run("digits", "steps=2", ["samples/img2img/00000.png"]),
+    # Evaluation, on the reproduce block's run (COCO commands need released weights and data).
+    "python -m ldm.eval ckpt=runs/digits prompts=data/digits/32px/val ref=data/digits/32px/val "
+    "extractor=digits n=179 steps=20 guidance_scale=3 out_dir=evals/digits": Run(
+        "digits", "n=4 steps=2", ["evals/digits/metrics.json", "evals/digits/00003.png"]
+    ),
+    "python sample.py ckpt=runs/digits prompts_file=prompts.txt n=50 guidance_scale=3 "
+    "out_dir=samples/prompted": Run("digits", "n=2 steps=2", ["samples/prompted/00003.png"]),
+    "python -m ldm.eval images=samples/prompted ref=data/digits/32px/val extractor=digits "
+    "out_dir=evals/prompted": Run("digits", "", ["evals/prompted/metrics.json"]),
+    "python -m ldm.eval -m guidance_scale=1.5,3,5 ckpt=runs/digits prompts=data/digits/32px/val "
+    "ref=data/digits/32px/val extractor=digits n=179 out_dir=evals/digits_sweep": Run(
+        "digits",
+        "n=4 steps=2",
+        ["evals/digits_sweep/curve.png", "evals/digits_sweep/2/metrics.json"],
+        slow=True,
+    ),
+    "torchrun --nproc_per_node 2 -m ldm.eval ckpt=runs/digits prompts=data/digits/32px/val "
+    "ref=data/digits/32px/val extractor=digits n=179 out_dir=evals/digits_2proc": Run(
+        "digits", "n=4 steps=2", ["evals/digits_2proc/metrics.json"], slow=True
+    ),
+    "python -m ldm.eval -m guidance_scale=1.5,3,5,7.5 ckpt=/models/v1-5-pruned-emaonly.safetensors "
+    "\"prompts='/data/coco/val2014-{00000..00029}.tar'\" \"ref='/data/coco/val2014-{00000..00029}.tar'\" "
+    "n=30000 image_size=256 sampler=dpmpp_2m steps=25 "
+    "inception_weights=/models/pt_inception-2015-12-05-6726825d.pth "
+    "clip_model=/models/clip-vit-large-patch14 out_dir=evals/sd15_coco256": Skip(COCO),
+    "accelerate launch --multi_gpu --num_processes 8 -m ldm.eval "
+    "ckpt=/models/v1-5-pruned-emaonly.safetensors \"prompts='/data/coco/val2014-{00000..00029}.tar'\" "
+    "ref=/data/coco/fid_stats_coco512.npz n=30000 "
+    "image_size=512 guidance_scale=3 inception_weights=/models/pt_inception-2015-12-05-6726825d.pth "
+    "clip_model=/models/clip-vit-large-patch14 out_dir=evals/sd15_coco512": Skip(COCO + " and 8 GPUs"),
 }
 
 

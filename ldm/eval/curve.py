@@ -24,22 +24,24 @@ def collect(dirs: list[str | Path]) -> list[dict]:
 
 
 def plot_curve(metrics: list[dict], out: str | Path) -> Path:
-    """FID (y) against CLIP score (x), one point per run, written as a PNG (matplotlib, Agg)."""
+    """FID (y) against CLIP score (x), one point per run, written as a PNG (matplotlib, Agg); against the
+    guidance scale when the runs have no CLIP score (no clip_model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [m for m in metrics if m.get("fid") is not None and m.get("clip_score") is not None]
+    points = [m for m in metrics if m.get("fid") is not None]
     if not points:
-        raise ValueError("no metrics.json with both FID and CLIP score (give clip_model=... to ldm.eval)")
-    x, y = [m["clip_score"] for m in points], [m["fid"] for m in points]
+        raise ValueError("no metrics.json with an FID")
+    xkey = "clip_score" if all(m.get("clip_score") is not None for m in points) else "guidance_scale"
+    x, y = [m[xkey] for m in points], [m["fid"] for m in points]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     ax.plot(x, y, "o-")
     for m, xi, yi in zip(points, x, y):
         ax.annotate(f"w={m['guidance_scale']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4))
     first = points[0]
-    ax.set_xlabel("CLIP score")
+    ax.set_xlabel("CLIP score" if xkey == "clip_score" else "guidance scale (no CLIP score)")
     ax.set_ylabel("FID")
     ax.set_title(f"{first.get('sampler')}, {first.get('steps')} steps, n={first.get('n_images')}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -56,7 +58,7 @@ class CurveCallback(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
         metrics = collect([sweep])
-        if any(m.get("clip_score") is not None for m in metrics):
+        if metrics:
             print(f"curve: {plot_curve(metrics, sweep / 'curve.png')}")
 
 
