@@ -140,6 +140,11 @@ def main(cfg: DictConfig) -> dict:
 
         dtype = DTYPES[cfg.dtype]
         pipe = ldm.load_pipeline(cfg.ckpt, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
+        if getattr(pipe, "is_class_conditional", False):
+            raise ValueError(
+                "ckpt is class-conditional: ldm.eval samples prompts; draw it with sample.py label=... "
+                "and score the folder with images=DIR"
+            )
     image_size = cfg.image_size or native_size(cfg, pipe)  # known before the reference is read
     with state.main_process_first():  # the main process computes and caches, the others read the cache
         ref, ref_info = reference_stats(
