@@ -22,9 +22,11 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch import nn
 
+from ldm.eval.inception import file_sha256
 from ldm.eval.metrics import RESIZE_FILTER, FeatureStats, extract, extractor_info, to_uint8
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -127,8 +129,6 @@ def reference_stats(
     kind, files = sources(str(ref))
     if kind == "npz":
         stats = FeatureStats.load(files[0])
-        from ldm.eval.inception import file_sha256
-
         return stats, dict(source=str(ref), kind=kind, n=stats.n, stats_hash=file_sha256(files[0]))
     key = cache_key(str(ref), n, image_size, extractor)
     cache = Path(cache_dir).expanduser() / f"ref_{key[:24]}.npz"
@@ -144,8 +144,6 @@ def reference_stats(
             batch = []
     if batch:
         feats.append(extract(extractor, to_uint8(batch, image_size), batch_size))
-    import torch
-
     stats = FeatureStats.from_features(torch.cat(feats))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
