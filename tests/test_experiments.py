@@ -74,7 +74,8 @@ def sd_overrides(experiment: str, shards: Path, sd_folder: Path) -> list[str]:
 
 def test_every_experiment_has_a_run_here():
     assert EXPERIMENTS == [
-        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion", "sd21_v_laion"
+        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion",
+        "sd21_v_laion",
     ]  # fmt: skip
 
 
@@ -154,7 +155,7 @@ def test_sd_recipes(experiment, prediction, shards, tiny_sd_folder, tmp_path):
 
 
 def dreambooth_steps(run: Path) -> list[str]:
-    """A DreamBooth run of 2 steps: 3 class images drawn in 2 sampler steps, then cached with the instances."""
+    """A DreamBooth run of 2 steps: 3 class images drawn in 2 sampler steps, cached with the instances."""
     return [
         f"data.class_root={run.parent / 'class'}", "data.num_class_images=3", "data.class_steps=2",
         "data.num_workers=0", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -185,14 +186,15 @@ def test_digits_dreambooth(tmp_path):
 
 
 def test_dreambooth_sd15(tiny_sd_folder, tmp_path):
-    """The SD1.5 recipe (lr 5e-6, prior weight 1, bf16, no EMA) from the tiny SD-shaped folder as init_from."""
+    """The SD1.5 recipe (lr 5e-6, prior weight 1, bf16, no EMA) from the tiny SD-shaped folder."""
     from ldm.data.dreambooth_digits import write_digit_instances
 
     write_digit_instances(tmp_path / "instance", digit=3, n=2, resolution=64)
     run = tmp_path / "run"
     proc = run_train(
-        run, "experiment=dreambooth_sd15", f"model.init_from={tiny_sd_folder}", "model.unet.model_channels=32",
-        "model.unet.channel_mult=[1,2,2,2]", "model.unet.context_dim=32",  # the folder's UNet (tests/tiny.py)
+        run, "experiment=dreambooth_sd15", f"model.init_from={tiny_sd_folder}",
+        # the folder's UNet (tests/tiny.py UNET_KW)
+        "model.unet.model_channels=32", "model.unet.channel_mult=[1,2,2,2]", "model.unet.context_dim=32",
         f"model.autoencoder.path={tiny_sd_folder}", f"model.conditioner.version={tiny_sd_folder}",
         "model.conditioner.subfolder=text_encoder", "model.conditioner.config=null",
         f"data.instance_root={tmp_path / 'instance'}", "data.resolution=64", "model.sample_size=8",
