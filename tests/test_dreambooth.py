@@ -32,6 +32,7 @@ def test_class_images_are_generated_when_missing_and_reused(tiny_sd_folder, tmp_
     assert [p.name for p in files] == ["class_00000.png", "class_00001.png", "class_00002.png"]
     first = np.asarray(Image.open(files[1]))
     assert first.shape == (64, 64, 3) and not list(folder.glob(".*"))  # no temporary files left
+    assert (folder / "class_00001.txt").read_text() == "a photo of a digit\n"
     assert generate_class_images(pipe, folder, "a photo of a digit", 3, 64, steps=2, seed=5) == 0
     files[1].unlink()  # image k is a function of seed + k: the missing one is drawn again, the same
     assert generate_class_images(pipe, folder, "a photo of a digit", 3, 64, steps=2, seed=5) == 1
@@ -43,6 +44,14 @@ def test_class_images_are_generated_when_missing_and_reused(tiny_sd_folder, tmp_
     )  # fmt: skip
     dm.prepare_data()
     assert len(image_files(folder)) == 4
+    # several class prompts: drawn round-robin, each image captioned with its own
+    several = tmp_path / "several"
+    generate_class_images(pipe, several, ["a one", "a two"], 3, 64, steps=1)
+    assert [(several / f"class_0000{k}.txt").read_text() for k in range(3)] == [
+        "a one\n",
+        "a two\n",
+        "a one\n",
+    ]
 
 
 def folders(tmp_path: Path) -> tuple[Path, Path]:
@@ -76,6 +85,16 @@ def test_batches_are_instance_samples_then_class_samples(tmp_path):
     plain.setup("fit")
     (batch,) = list(plain.train_dataloader())
     assert batch["is_prior"].tolist() == [False, False] and batch["image"].shape[0] == 2
+    # a list of class prompts: class images keep the captions they were drawn with (their .txt)
+    for k, path in enumerate(image_files(klass)):
+        path.with_suffix(".txt").write_text(f"a photo of the digit {k}")
+    listed = DreamBoothDataModule(
+        inst, "a photo of sks digit", class_root=klass, class_prompt=["a", "b"], num_class_images=5,
+        resolution=32, batch_size=2, num_workers=0,
+    )  # fmt: skip
+    listed.setup("fit")
+    captions = {c for b in listed.train_dataloader() for c in b["caption"][2:]}
+    assert len(captions) == 4 and all(c.startswith("a photo of the digit ") for c in captions)
 
 
 def test_cached_dreambooth_batches(tmp_path):

@@ -1,7 +1,9 @@
 """DreamBooth data (Ruiz et al. 2023, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
 Subject-Driven Generation"): a handful of instance images captioned with a prompt holding a rare token
 ("a photo of sks dog"), and, for the prior-preservation loss, class images captioned with the class
-prompt ("a photo of a dog") that the model itself generated before fine-tuning.
+prompt ("a photo of a dog") that the model itself generated before fine-tuning. `class_prompt` may also
+be a list (class images drawn round-robin, each captioned with its own prompt, as kohya-ss/sd-scripts
+reads a class folder with captions): the prior of several prompts preserved at once.
 
 As diffusers' `examples/dreambooth/train_dreambooth.py` builds it: an epoch has max(#instance, #class)
 examples; example i pairs instance image i mod #instance with class image i mod #class, and a batch of
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +46,31 @@ def image_files(folder: str | Path) -> list[Path]:
 
 @torch.no_grad()
 def generate_class_images(
-    pipe: Any, folder: str | Path, prompt: str, num_images: int, resolution: int, steps: int = 30,
-    guidance_scale: float = 7.5, sampler: str = "dpmpp_2m", seed: int = 0, batch_size: int = 4,
+    pipe: Any, folder: str | Path, prompt: str | Sequence[str], num_images: int, resolution: int,
+    steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m", seed: int = 0,
 ) -> int:  # fmt: skip
-    """Fill `folder` up to `num_images` images of `prompt` drawn by `pipe`; returns how many were made.
+    """Fill `folder` up to `num_images` images drawn by `pipe`; returns how many were made.
 
-    Image k is `class_{k:05d}.png`, drawn with seed `seed + k`, written atomically: an interrupted run
-    leaves whole images, and the next run makes only the missing ones (diffusers' train_dreambooth.py
-    also tops the class folder up to `num_class_images`)."""
+    Image k is `class_{k:05d}.png` with its caption in `class_{k:05d}.txt`: the prompt (or, given a list,
+    prompt k mod len), drawn with seed `seed + k`, written atomically, so an interrupted run leaves whole
+    images and the next run draws only the missing ones (diffusers' train_dreambooth.py also tops the class
+    folder up to `num_class_images`)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     have = len(image_files(folder))
-    todo = [k for k in range(num_images) if not (folder / f"class_{k:05d}.png").exists()][
-        : max(0, num_images - have)
-    ]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        for k in chunk:  # one call per image: image k depends on its seed alone, not on the batching
-            image = pipe(prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed + k,
-                         height=resolution, width=resolution, output="pil")[0]  # fmt: skip
-            tmp = folder / f".class_{k:05d}.{os.getpid()}.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, folder / f"class_{k:05d}.png")
-        log.info("class images: %d/%d generated in %s", start + len(chunk), len(todo), folder)
+    todo = [k for k in range(num_images) if not (folder / f"class_{k:05d}.png").exists()]
+    todo = todo[: max(0, num_images - have)]
+    for done, k in enumerate(todo, 1):  # one call per image: image k depends on its seed alone
+        text = prompts[k % len(prompts)]
+        image = pipe(text, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed + k,
+                     height=resolution, width=resolution, output="pil")[0]  # fmt: skip
+        tmp = folder / f".class_{k:05d}.{os.getpid()}.tmp"
+        image.save(tmp, format="PNG")
+        (folder / f"class_{k:05d}.txt").write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, folder / f"class_{k:05d}.png")
+        if done % 10 == 0 or done == len(todo):
+            log.info("class images: %d/%d generated in %s", done, len(todo), folder)
     return len(todo)
 
 
@@ -115,7 +120,7 @@ class DreamBoothDataModule(FolderDataModule):
         instance_root: str | Path,
         instance_prompt: str,
         class_root: str | Path | None = None,
-        class_prompt: str | None = None,
+        class_prompt: str | Sequence[str] | None = None,
         num_class_images: int = 100,
         class_generator: str | None = None,
         class_steps: int = 30,
@@ -133,6 +138,8 @@ class DreamBoothDataModule(FolderDataModule):
         if class_prompt is not None and num_class_images < 1:
             raise ValueError(f"data.num_class_images={num_class_images}: must be >= 1 with a class_prompt")
         super().__init__(root=instance_root, instance_prompt=instance_prompt, **folder)
+        if class_prompt is not None and not isinstance(class_prompt, str):
+            class_prompt = [str(p) for p in class_prompt]  # Hydra's ListConfig -> list
         self.class_root = Path(class_root) if class_root is not None else None
         self.class_prompt, self.num_class_images = class_prompt, num_class_images
         self.class_generator = class_generator
@@ -186,8 +193,10 @@ class DreamBoothDataModule(FolderDataModule):
                     f"data.num_class_images={self.num_class_images}: run prepare_data (train.py does)"
                 )
             tf = ImageTransform(self.resolution, self.random_crop, self.random_flip)
-            # Its own seed: instance and class samples of one example draw independent flips.
-            klass = ImageFolderDataset(items, tf, 1, self.class_prompt, seed=self.seed + 1)
+            # One class prompt captions every class image; with several, each image keeps the caption it
+            # was drawn with (its .txt). Its own seed: instance and class samples draw independent flips.
+            prompt = self.class_prompt if isinstance(self.class_prompt, str) else None
+            klass = ImageFolderDataset(items, tf, 1, prompt, seed=self.seed + 1)
             if self.cache_latents:
                 klass = self.cached(klass)
         self.train_dataset = DreamBoothDataset(self.train_dataset, klass)
