@@ -34,6 +34,12 @@ AE_TRAIN = (
     "trainer.limit_val_batches=1 model.scale_factor_batches=1 "
     "callbacks.model_checkpoint.every_n_train_steps=2 trainer.enable_progress_bar=false"
 )
+# DreamBooth from the digits chain's model: 2 class images in 2 sampler steps, 2 training steps.
+DREAMBOOTH = (
+    "trainer.max_steps=2 data.num_class_images=2 data.class_steps=2 "
+    "callbacks.model_checkpoint.every_n_train_steps=2 callbacks.sample_grid.every_n_steps=2 "
+    "callbacks.sample_grid.steps=2 callbacks.sample_grid.n_per_prompt=1 trainer.enable_progress_bar=false"
+)
 
 
 @dataclass
@@ -126,6 +132,32 @@ COMMANDS: dict[str, Run | Skip] = {
     "out_dir=samples/wide": Run("digits", "steps=2", ["samples/wide/00001.png"]),
     'python sample.py ckpt=runs/digits prompt="a photo of the digit eight" init_image=samples/00000.png '
     "strength=0.6 out_dir=samples/img2img": Run("digits", "steps=2", ["samples/img2img/00000.png"]),
+    # DreamBooth and cached latents, from the digits chain's model.
+    "python -m ldm.data.dreambooth_digits write data/dreambooth/sks_digit --digit 3 --n 5": Run(
+        "digits", "--n 2", ["data/dreambooth/sks_digit/sks_3_01.png"]
+    ),
+    "python -m ldm.data.dreambooth_digits score runs/digits --digit 3": Run("digits", "--n 1 --steps 2"),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export "
+    "hydra.run.dir=runs/sks3": Run(
+        "digits",
+        DREAMBOOTH,
+        ["runs/sks3/export/ldm_pipeline.json", "data/dreambooth/class_digits/class_00001.png"],
+    ),
+    "python -m ldm.data.dreambooth_digits score runs/sks3 --digit 3": Run("digits", "--n 1 --steps 2"),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export data.class_prompt=null "
+    "data.class_root=null hydra.run.dir=runs/sks3_no_prior": Run(
+        "digits", DREAMBOOTH, ["runs/sks3_no_prior/export/ldm_pipeline.json"], slow=True
+    ),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export "
+    'data.class_prompt="a photo of a digit" data.class_root=data/dreambooth/class_generic '
+    "hydra.run.dir=runs/sks3_generic": Run(
+        "digits", DREAMBOOTH, ["data/dreambooth/class_generic/class_00001.png"], slow=True
+    ),
+    f"python train.py experiment=dreambooth_sd15 model.init_from={SD15} model.autoencoder.path={SD15} "
+    f"model.conditioner.version={CLIP_L} data.instance_root=/data/dog data.class_root=/data/class_dog": Skip(
+        "needs the released SD1.5 weights, CLIP ViT-L/14 and a GPU; the recipe runs with tiny networks in "
+        "tests/test_experiments.py"
+    ),
 }
 
 
