@@ -153,7 +153,6 @@ def test_sd_recipes(experiment, prediction, shards, tiny_sd_folder, tmp_path):
     assert pipe("a photo of the digit two", steps=2, seed=0, output="tensor").shape == (1, 3, 64, 64)
 
 
-
 def dreambooth_steps(run: Path) -> list[str]:
     """A DreamBooth run of 2 steps: 3 class images drawn in 2 sampler steps, cached with the instances."""
     return [
@@ -185,6 +184,7 @@ def test_digits_dreambooth(tmp_path):
     assert pipe("a photo of sks digit", steps=2, seed=0, output="tensor").shape == (1, 3, 32, 32)
 
 
+@pytest.mark.slow  # about a minute; the DreamBooth path itself runs in test_digits_dreambooth
 def test_dreambooth_sd15(tiny_sd_folder, tmp_path):
     """The SD1.5 recipe (lr 5e-6, prior weight 1, bf16, no EMA) from the tiny SD-shaped folder."""
     from ldm.data.dreambooth_digits import write_digit_instances
@@ -206,6 +206,7 @@ def test_dreambooth_sd15(tiny_sd_folder, tmp_path):
     assert len(list((tmp_path / "class").glob("class_*.png"))) == 3
     pipe = ldm.load_pipeline(run / "export")
     assert pipe("a photo of sks dog", steps=2, seed=0, output="tensor").shape == (1, 3, 64, 64)
+
 
 def run_failing(tmp_path: Path, *overrides: str) -> str:
     """`python train.py ...` expected to stop at start-up: its stderr (without HYDRA_FULL_ERROR, as users

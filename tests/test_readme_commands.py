@@ -136,14 +136,19 @@ COMMANDS: dict[str, Run | Skip] = {
     "python -m ldm.data.dreambooth_digits write data/dreambooth/sks_digit --digit 3 --n 5": Run(
         "digits", "--n 2", ["data/dreambooth/sks_digit/sks_3_01.png"]
     ),
-    "python -m ldm.data.dreambooth_digits score runs/digits --digit 3": Run("digits", "--n 1 --steps 2"),
+    "python -m ldm.data.dreambooth_digits score runs/digits --digit 3": Run(
+        "digits", "--n 1 --steps 2", slow=True
+    ),
     "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export "
     "hydra.run.dir=runs/sks3": Run(
         "digits",
         DREAMBOOTH,
         ["runs/sks3/export/ldm_pipeline.json", "data/dreambooth/class_digits/class_00001.png"],
+        slow=True,  # tests/test_experiments.py runs digits_dreambooth in the fast tier
     ),
-    "python -m ldm.data.dreambooth_digits score runs/sks3 --digit 3": Run("digits", "--n 1 --steps 2"),
+    "python -m ldm.data.dreambooth_digits score runs/sks3 --digit 3": Run(
+        "digits", "--n 1 --steps 2", slow=True
+    ),
     "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export data.class_prompt=null "
     "data.class_root=null hydra.run.dir=runs/sks3_no_prior": Run(
         "digits", DREAMBOOTH, ["runs/sks3_no_prior/export/ldm_pipeline.json"], slow=True

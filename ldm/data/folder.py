@@ -355,6 +355,10 @@ class FolderDataModule(pl.LightningDataModule):
                     "data.cache_latents=true needs the frozen autoencoder and text encoder: train a "
                     "LatentDiffusionSystem, or set datamodule.encoders = (autoencoder, conditioner)"
                 )
+            if getattr(model, "cond_key", "caption") != "caption":
+                raise ValueError(
+                    f"data.cache_latents=true caches caption embeddings; model.cond_key={model.cond_key!r}"
+                )
             encoders = (model.autoencoder, model.conditioner)
         out, cache = cached_dataset(dataset, *encoders, self.cache_dir)
         self.cache_stats.update(cache.stats)
