@@ -185,8 +185,9 @@ def fill_image_cache(
     for item in items:
         try:
             data = item.path.read_bytes()
-        except OSError:
+        except OSError:  # gone since the scan
             unreadable.append(item)
+            cache.stats["unreadable"] += 1
             continue
         path = cache.image_path(item.key, data)
         hit = cache.read(path, ("mean", "std", "original_size", "crop_coords"))
@@ -196,8 +197,10 @@ def fill_image_cache(
             continue
         try:
             img = load_rgb(open_image(data))
-        except Exception:  # the images the uncached dataset skips too (its scan counts them)
+        except Exception:  # what the uncached dataset skips too: left out of the cached one
+            log.warning("latent cache: skipping unreadable image %s", item.path)
             unreadable.append(item)
+            cache.stats["unreadable"] += 1
             continue
         cache.stats["miss"] += 1
         image, (top, left) = center(img, random.Random(0))
