@@ -170,13 +170,17 @@ class DreamBoothDataModule(FolderDataModule):
         if not self.prior_preservation or len(image_files(self.class_root)) >= self.num_class_images:
             return
         pipe = self.class_pipeline()
+        home = next(pipe.unet.parameters()).device  # the model's own modules: put them back after
         if torch.cuda.is_available():
             pipe.to("cuda")
-        n = generate_class_images(
-            pipe, self.class_root, self.class_prompt, self.num_class_images, self.resolution,
-            steps=self.class_steps, guidance_scale=self.class_guidance_scale, sampler=self.class_sampler,
-            seed=self.seed,
-        )  # fmt: skip
+        try:
+            n = generate_class_images(
+                pipe, self.class_root, self.class_prompt, self.num_class_images, self.resolution,
+                steps=self.class_steps, guidance_scale=self.class_guidance_scale, sampler=self.class_sampler,
+                seed=self.seed,
+            )  # fmt: skip
+        finally:
+            pipe.to(home)
         log.info("generated %d class images of %r in %s", n, self.class_prompt, self.class_root)
 
     def setup(self, stage: str | None = None) -> None:
