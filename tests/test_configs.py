@@ -39,6 +39,8 @@ OFFLINE = {  # by model config file or experiment
     "sd15_laion": NO_HUB_LDM,
     "sd21_v_laion": NO_HUB_LDM,
     "ae_kl_f8": NO_VGG,
+    "dreambooth_sd15": [*NO_HUB_LDM, "model.init_from=null"],  # the released file it fine-tunes: not here
+    "digits_dreambooth": ["model.init_from=null"],  # a trained digits run: not here
 }
 LAION = ("ae_kl_f8", "sd15_laion", "sd21_v_laion")
 # SD-size configs, built with their parameters on the meta device.
@@ -53,7 +55,21 @@ def composed(*overrides: str):
 
 
 def test_experiments_are_the_ones_documented():
-    assert EXPERIMENTS == ["ae_kl_f8", "digits", "digits_ae", "sd15_laion", "sd21_v_laion"]
+    assert EXPERIMENTS == [
+        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion",
+        "sd21_v_laion",
+    ]  # fmt: skip
+
+
+def test_dreambooth_recipes():
+    """diffusers' examples/dreambooth README: lr 5e-6, prior weight 1.0, 200 class images, 800 steps."""
+    sd = composed("experiment=dreambooth_sd15")
+    assert sd.model.optimizer.lr == 5e-6 and sd.model.prior_loss_weight == 1.0 and sd.model.ema is None
+    assert sd.data.num_class_images == 200 and sd.trainer.max_steps == 800 and sd.data.batch_size == 1
+    assert sd.model.lr_scheduler.warmup_steps == 0 and sd.model.ucg_rate == 0.0
+    digits = composed("experiment=digits_dreambooth")
+    assert digits.data.instance_prompt == "a photo of sks digit" and len(digits.data.class_prompt) == 10
+    assert digits.data.cache_latents and digits.callbacks.best_checkpoint is None
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -149,13 +165,13 @@ def test_every_experiment_instantiates(name):
     if name in LAION:
         overrides.append("data.urls='/data/{00000..00009}.tar'")
     cfg = composed(*overrides)
-    model = build_model(cfg, full_size=name in LAION)
+    model = build_model(cfg, full_size=name in LAION or name == "dreambooth_sd15")
     assert isinstance(model, torch.nn.Module)
-    if name == "sd15_laion":
+    if name in ("sd15_laion", "dreambooth_sd15"):
         assert n_params(model.unet) == SD15_UNET and n_params(model.conditioner) == CLIP_L
     if name == "sd21_v_laion":
         assert n_params(model.unet) == SD21_UNET and model.conditioner.output_dim == 1024
-    if name in ("sd15_laion", "sd21_v_laion", "ae_kl_f8"):
+    if name in ("sd15_laion", "sd21_v_laion", "ae_kl_f8", "dreambooth_sd15"):
         assert n_params(model.autoencoder) == KL_F8
     if name == "ae_kl_f8":
         assert n_params(model.discriminator) == 2_765_633  # CompVis NLayerDiscriminator(3 layers, ndf 64)

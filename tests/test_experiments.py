@@ -73,7 +73,10 @@ def sd_overrides(experiment: str, shards: Path, sd_folder: Path) -> list[str]:
 
 
 def test_every_experiment_has_a_run_here():
-    assert EXPERIMENTS == ["ae_kl_f8", "digits", "digits_ae", "sd15_laion", "sd21_v_laion"]
+    assert EXPERIMENTS == [
+        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion",
+        "sd21_v_laion",
+    ]  # fmt: skip
 
 
 def test_digits(shards, tmp_path):
@@ -148,6 +151,61 @@ def test_sd_recipes(experiment, prediction, shards, tiny_sd_folder, tmp_path):
     pipe = ldm.load_pipeline(run / "export")
     assert pipe.prediction_type == prediction and pipe.sample_size == 8
     assert pipe("a photo of the digit two", steps=2, seed=0, output="tensor").shape == (1, 3, 64, 64)
+
+
+def dreambooth_steps(run: Path) -> list[str]:
+    """A DreamBooth run of 2 steps: 3 class images drawn in 2 sampler steps, cached with the instances."""
+    return [
+        f"data.class_root={run.parent / 'class'}", "data.num_class_images=3", "data.class_steps=2",
+        "data.num_workers=0", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2", *TINY_STEPS,
+    ]  # fmt: skip
+
+
+def test_digits_dreambooth(tmp_path):
+    """From a digits-shaped model (random weights here, the default run's export in README): class images
+    drawn by it, instance + class latents cached, the prior loss logged, an export that loads."""
+    from ldm.data.dreambooth_digits import write_digit_instances
+    from tests.test_init_from import system
+
+    start = system().to_pipeline(use_ema=False)
+    start.sample_size = 8
+    start.save(tmp_path / "start")
+    write_digit_instances(tmp_path / "data" / "dreambooth" / "sks_digit", digit=3, n=3)
+    run = tmp_path / "run"
+    proc = run_train(run, "experiment=digits_dreambooth", f"model.init_from={tmp_path / 'start'}",
+                     f"paths.data_dir={tmp_path / 'data'}", *dreambooth_steps(run))  # fmt: skip
+    assert_quiet(proc)
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 3
+    assert list((tmp_path / "data" / "dreambooth" / "sks_digit" / ".latent_cache").glob("*/images/*"))
+    metrics = (next((run / "csv").glob("version_*")) / "metrics.csv").read_text()
+    assert "train/prior_loss" in metrics and "train/instance_loss" in metrics
+    pipe = ldm.load_pipeline(run / "export")
+    assert pipe("a photo of sks digit", steps=2, seed=0, output="tensor").shape == (1, 3, 32, 32)
+
+
+@pytest.mark.slow  # about a minute; the DreamBooth path itself runs in test_digits_dreambooth
+def test_dreambooth_sd15(tiny_sd_folder, tmp_path):
+    """The SD1.5 recipe (lr 5e-6, prior weight 1, bf16, no EMA) from the tiny SD-shaped folder."""
+    from ldm.data.dreambooth_digits import write_digit_instances
+
+    write_digit_instances(tmp_path / "instance", digit=3, n=2, resolution=64)
+    run = tmp_path / "run"
+    proc = run_train(
+        run, "experiment=dreambooth_sd15", f"model.init_from={tiny_sd_folder}",
+        # the folder's UNet (tests/tiny.py UNET_KW)
+        "model.unet.model_channels=32", "model.unet.channel_mult=[1,2,2,2]", "model.unet.context_dim=32",
+        f"model.autoencoder.path={tiny_sd_folder}", f"model.conditioner.version={tiny_sd_folder}",
+        "model.conditioner.subfolder=text_encoder", "model.conditioner.config=null",
+        f"data.instance_root={tmp_path / 'instance'}", "data.resolution=64", "model.sample_size=8",
+        "trainer.accelerator=cpu", *dreambooth_steps(run),
+    )  # fmt: skip
+    assert_quiet(proc)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert cfg.model.optimizer.lr == 5e-6 and cfg.model.prior_loss_weight == 1.0 and cfg.model.ema is None
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 3
+    pipe = ldm.load_pipeline(run / "export")
+    assert pipe("a photo of sks dog", steps=2, seed=0, output="tensor").shape == (1, 3, 64, 64)
 
 
 def run_failing(tmp_path: Path, *overrides: str) -> str:

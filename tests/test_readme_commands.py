@@ -34,6 +34,12 @@ AE_TRAIN = (
     "trainer.limit_val_batches=1 model.scale_factor_batches=1 "
     "callbacks.model_checkpoint.every_n_train_steps=2 trainer.enable_progress_bar=false"
 )
+# DreamBooth from the digits chain's model: 2 class images in 2 sampler steps, 2 training steps.
+DREAMBOOTH = (
+    "trainer.max_steps=2 data.num_class_images=2 data.class_steps=2 "
+    "callbacks.model_checkpoint.every_n_train_steps=2 callbacks.sample_grid.every_n_steps=2 "
+    "callbacks.sample_grid.steps=2 callbacks.sample_grid.n_per_prompt=1 trainer.enable_progress_bar=false"
+)
 
 
 @dataclass
@@ -160,6 +166,37 @@ COMMANDS: dict[str, Run | Skip] = {
     "ref=/data/coco/fid_stats_coco512.npz n=30000 "
     "image_size=512 guidance_scale=3 inception_weights=/models/pt_inception-2015-12-05-6726825d.pth "
     "clip_model=/models/clip-vit-large-patch14 out_dir=evals/sd15_coco512": Skip(COCO + " and 8 GPUs"),
+    # DreamBooth and cached latents, from the digits chain's model.
+    "python -m ldm.data.dreambooth_digits write data/dreambooth/sks_digit --digit 3 --n 5": Run(
+        "digits", "--n 2", ["data/dreambooth/sks_digit/sks_3_01.png"]
+    ),
+    "python -m ldm.data.dreambooth_digits score runs/digits --digit 3": Run(
+        "digits", "--n 1 --steps 2", slow=True
+    ),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export "
+    "hydra.run.dir=runs/sks3": Run(
+        "digits",
+        DREAMBOOTH,
+        ["runs/sks3/export/ldm_pipeline.json", "data/dreambooth/class_digits/class_00001.png"],
+        slow=True,  # tests/test_experiments.py runs digits_dreambooth in the fast tier
+    ),
+    "python -m ldm.data.dreambooth_digits score runs/sks3 --digit 3": Run(
+        "digits", "--n 1 --steps 2", slow=True
+    ),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export data.class_prompt=null "
+    "data.class_root=null hydra.run.dir=runs/sks3_no_prior": Run(
+        "digits", DREAMBOOTH, ["runs/sks3_no_prior/export/ldm_pipeline.json"], slow=True
+    ),
+    "python train.py experiment=digits_dreambooth model.init_from=runs/digits/export "
+    'data.class_prompt="a photo of a digit" data.class_root=data/dreambooth/class_generic '
+    "hydra.run.dir=runs/sks3_generic": Run(
+        "digits", DREAMBOOTH, ["data/dreambooth/class_generic/class_00001.png"], slow=True
+    ),
+    f"python train.py experiment=dreambooth_sd15 model.init_from={SD15} model.autoencoder.path={SD15} "
+    f"model.conditioner.version={CLIP_L} data.instance_root=/data/dog data.class_root=/data/class_dog": Skip(
+        "needs the released SD1.5 weights, CLIP ViT-L/14 and a GPU; the recipe runs with tiny networks in "
+        "tests/test_experiments.py"
+    ),
 }
 
 

@@ -295,6 +295,8 @@ class FolderDataModule(pl.LightningDataModule):
         seed: int = 0,
         drop_last: bool = True,
         pin_memory: bool | None = None,
+        cache_latents: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if val_root is not None and val_fraction > 0:
@@ -307,6 +309,11 @@ class FolderDataModule(pl.LightningDataModule):
         self.val_fraction, self.seed, self.drop_last = val_fraction, seed, drop_last
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.skip_counts: Counter[str] = Counter()
+        # Latents + text embeddings computed once (ldm.data.latent_cache), by default next to the data.
+        self.cache_latents = cache_latents
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".latent_cache"
+        self.encoders: tuple[Any, Any] | None = None  # (autoencoder, conditioner); else the trainer's model
+        self.cache_stats: Counter[str] = Counter()
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
 
@@ -332,6 +339,30 @@ class FolderDataModule(pl.LightningDataModule):
         if val_items:
             val_tf = ImageTransform(self.resolution, random_crop=False, random_flip=False)
             self.val_dataset = ImageFolderDataset(val_items, val_tf, 1, self.instance_prompt)
+        if self.cache_latents:
+            self.train_dataset = self.cached(self.train_dataset)
+            self.val_dataset = self.cached(self.val_dataset) if self.val_dataset is not None else None
+
+    def cached(self, dataset: ImageFolderDataset) -> Dataset:
+        """`dataset` read from the latent cache (filled where missing) with the model's frozen encoders."""
+        from ldm.data.latent_cache import cached_dataset
+
+        encoders = self.encoders
+        if encoders is None:
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            if model is None or not hasattr(model, "autoencoder") or not hasattr(model, "conditioner"):
+                raise ValueError(
+                    "data.cache_latents=true needs the frozen autoencoder and text encoder: train a "
+                    "LatentDiffusionSystem, or set datamodule.encoders = (autoencoder, conditioner)"
+                )
+            if getattr(model, "cond_key", "caption") != "caption":
+                raise ValueError(
+                    f"data.cache_latents=true caches caption embeddings; model.cond_key={model.cond_key!r}"
+                )
+            encoders = (model.autoencoder, model.conditioner)
+        out, cache = cached_dataset(dataset, *encoders, self.cache_dir)
+        self.cache_stats.update(cache.stats)
+        return out
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> _CountingLoader:
         """A DataLoader with the contract collate; training shuffles (`EpochSampler`: a resumed run
@@ -351,7 +382,7 @@ class FolderDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=train and self.drop_last and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate_folder,
+            collate_fn=getattr(dataset, "collate", collate_folder),
             pin_memory=self.pin_memory,
             persistent_workers=train and self.num_workers > 0,
         )

@@ -135,3 +135,16 @@ def loss_by_timestep_bucket(loss: Tensor, t: Tensor, num_train_timesteps: int, b
         lo, hi = k * width, (k + 1) * width - 1 if k < buckets - 1 else num_train_timesteps - 1
         out[f"t{lo:03d}-{hi:03d}"] = loss[index == k].mean().detach()
     return out
+
+
+def prior_preservation_loss(loss: Tensor, is_prior: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DreamBooth's objective (Ruiz et al. 2023, Eq. 2): the mean loss of the instance samples plus `weight`
+    times the mean loss of the class (prior-preservation) samples, as diffusers' `train_dreambooth.py`
+    adds `prior_loss_weight * prior_loss`. Returns (total, instance, prior); prior is 0 without class
+    samples. `loss` is per sample, `is_prior` a boolean mask of the same length."""
+    is_prior = is_prior.to(loss.device, torch.bool)
+    if is_prior.all():
+        raise ValueError("a DreamBooth batch needs instance samples (is_prior all true)")
+    instance = loss[~is_prior].mean()
+    prior = loss[is_prior].mean() if is_prior.any() else loss.new_zeros(())
+    return instance + weight * prior, instance, prior

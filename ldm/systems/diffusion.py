@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket
+from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket, prior_preservation_loss
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.ema import EMA
@@ -51,8 +51,13 @@ class LatentDiffusionSystem(pl.LightningModule):
         sample_posterior: bool = True,
         log_buckets_every_n_steps: int = 100,
         seed: int = 0,
+        prior_loss_weight: float = 1.0,
     ):
         super().__init__()
+        if prior_loss_weight < 0:
+            raise ValueError(f"model.prior_loss_weight={prior_loss_weight}: must be >= 0")
+        # DreamBooth: weight of the class (prior-preservation) samples' loss, for batches with "is_prior".
+        self.prior_loss_weight = prior_loss_weight
         if not 0.0 <= ucg_rate < 1.0:
             raise ValueError(f"model.ucg_rate={ucg_rate}: must be in [0, 1)")
         if unet.context_dim is not None and getattr(conditioner, "output_dim", None) not in (
@@ -128,6 +133,21 @@ class LatentDiffusionSystem(pl.LightningModule):
                 z = posterior.mean + posterior.std * noise.to(posterior.mean)
         return z * self.autoencoder.scale_factor
 
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled z0 of a batch: encoded from its images, or from a latent cache's posterior mean and std
+        (ldm.data.latent_cache), drawing the same posterior noise from `generator` as `encode` would."""
+        if "latent_mean" not in batch:
+            return self.encode(batch["image"], generator)
+        z = batch["latent_mean"].to(self.device, torch.float32)
+        if self.sample_posterior:
+            std = batch["latent_std"].to(z)
+            if generator is None or generator.device == z.device:
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            else:
+                noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z)
+            z = z + std * noise
+        return z * self.autoencoder.scale_factor
+
     def step_generator(self) -> torch.Generator:
         """The randomness of one training batch (noise, timesteps, caption dropout, posterior sample),
         seeded from (seed, rank, optimizer step, micro-batch): a step is a function of weights and batch
@@ -142,6 +162,15 @@ class LatentDiffusionSystem(pl.LightningModule):
     def conditioning(self, batch: dict, drop: bool, generator: torch.Generator | None = None) -> Tensor:
         """Cross-attention context; with `drop`, each sample's condition becomes the unconditional one with
         probability ucg_rate (caption "" / the null class), which classifier-free guidance needs."""
+        if "context" in batch:  # cached contexts, with the empty caption's for dropout
+            context = batch["context"].to(self.device)
+            if drop and self.ucg_rate > 0:
+                keep = (
+                    torch.rand(len(context), generator=generator, device=self.device).cpu() >= self.ucg_rate
+                )
+                null = batch["uncond_context"].to(context)
+                context = torch.where(keep.to(self.device)[:, None, None], context, null)
+            return context
         cond = batch[self.cond_key]
         n = len(cond)
         with torch.no_grad():
@@ -157,10 +186,16 @@ class LatentDiffusionSystem(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         g = self.step_generator()
-        z0 = self.encode(batch["image"], g)
+        z0 = self.latents(batch, g)
         context = self.conditioning(batch, drop=True, generator=g)
         loss, t = self.loss_fn(self._unet_forward, z0, context.to(z0.dtype), generator=g)
-        mean = loss.mean()
+        if "is_prior" in batch:  # DreamBooth batches: instance samples, then class samples
+            mean, instance, prior = prior_preservation_loss(loss, batch["is_prior"], self.prior_loss_weight)
+            self.log_dict(
+                {"train/instance_loss": instance, "train/prior_loss": prior}, batch_size=z0.shape[0]
+            )
+        else:
+            mean = loss.mean()
         self.log("train/loss", mean, prog_bar=True, batch_size=z0.shape[0])
         if self.log_buckets_every_n_steps and self.global_step % self.log_buckets_every_n_steps == 0:
             buckets = loss_by_timestep_bucket(loss, t, self.schedule.num_train_timesteps)
@@ -198,7 +233,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         # on any device.
         g = torch.Generator().manual_seed(batch_idx)
         with self.ema_weights():
-            z0 = self.encode(batch["image"], g)
+            z0 = self.latents(batch, g)
             context = self.conditioning(batch, drop=False)
             loss, _ = self.loss_fn(self.unet, z0, context.to(z0.dtype), generator=g)
         self.log("val/loss", loss.mean(), prog_bar=True, batch_size=z0.shape[0], sync_dist=True)

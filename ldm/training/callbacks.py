@@ -97,7 +97,9 @@ class Throughput(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
     ) -> None:
-        n = len(batch[self.batch_key]) * trainer.world_size
+        # Batches from a latent cache (ldm.data.latent_cache) carry latents instead of images.
+        key = self.batch_key if self.batch_key in batch else "latent_mean"
+        n = len(batch[key]) * trainer.world_size
         self.samples_seen += n
         self._since += n
         now = time.perf_counter()
