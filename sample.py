@@ -1,9 +1,12 @@
 """Sample a checkpoint: `python sample.py ckpt=PATH prompt="a photo of a cat" n=4 sampler=euler_a`.
 
 Writes one PNG per image (settings in its text chunk), `grid.png` and `metadata.jsonl` (one object per
-image: file, prompt, negative_prompt, seed, sampler, steps, guidance_scale, height, width) to `out_dir`, or
+image: file, prompt, negative_prompt, seed, sampler, steps, guidance_scale, height, width: the settings
+actually used) to `out_dir`, or
 to a fresh run folder under outputs/samples/. A class-conditional model takes `label=7` (or a class name,
 `label=seven`, or a list `label=[1,7]`) instead of a prompt; its records carry `label` and `class_name`.
+Sampler, steps and guidance scale not given default to the model's recommended settings (recorded by
+training, `Pipeline.recommended`), else dpmpp_2m (its config's steps) and guidance 7.5.
 Options: configs/sample.yaml; samplers: configs/sampler/.
 """
 
@@ -16,7 +19,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
@@ -24,6 +27,7 @@ from ldm.training.resolvers import register_resolvers
 
 register_resolvers()  # before Hydra composes: configs/sample.yaml's hydra.run.dir uses ldm.first_set
 
+SAMPLER_CONFIGS = Path(__file__).resolve().parent / "configs" / "sampler"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,7 +60,24 @@ def check_settings(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"{key} not found: {cfg[key]}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype}: expected one of {sorted(DTYPES)}")
-    canonical_sampler_name(cfg.sampler.name)
+    if cfg.get("sampler") is not None:
+        canonical_sampler_name(cfg.sampler.name)
+
+
+def sampling_choice(cfg: DictConfig, recommended: dict) -> tuple[dict, int, float]:
+    """(sampler config, steps, guidance scale): what the command line gave, else the model's
+    `recommended` settings (the recommended sampler with its configs/sampler/ file's options), else
+    dpmpp_2m and guidance 7.5. A chosen sampler= takes its own config's steps unless steps= is given."""
+    if cfg.get("sampler") is not None:
+        sampler = OmegaConf.to_container(cfg.sampler)
+    else:
+        name = recommended.get("sampler", "dpmpp_2m")
+        path = SAMPLER_CONFIGS / f"{name}.yaml"
+        base = {"name": name, "steps": 20, "spacing": None, "karras": False, "options": {}}
+        sampler = dict(base, **OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else base
+        sampler["steps"] = recommended.get("steps", sampler["steps"])
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else recommended.get("guidance_scale", 7.5)
+    return sampler, int(cfg.steps or sampler["steps"]), float(scale)
 
 
 def read_labels(cfg: DictConfig, pipe) -> list[int]:
@@ -89,13 +110,13 @@ def main(cfg: DictConfig) -> None:
     )  # fmt: skip
     size = pipe.sample_size * pipe.vae.downsampling_factor
     height, width = cfg.height or size, cfg.width or size
-    steps = cfg.steps or cfg.sampler.steps
+    sampler, steps, guidance_scale = sampling_choice(cfg, pipe.recommended)
     seed = random.randrange(2**31) if cfg.seed is None else int(cfg.seed)
     init_image = Image.open(cfg.init_image).convert("RGB") if cfg.init_image else None
     mask = Image.open(cfg.mask).convert("RGB") if cfg.mask else None
-    sampler_kwargs = dict(cfg.sampler.options, karras=cfg.sampler.karras)
-    if cfg.sampler.spacing:
-        sampler_kwargs["spacing"] = cfg.sampler.spacing
+    sampler_kwargs = dict(sampler["options"], karras=sampler["karras"])
+    if sampler["spacing"]:
+        sampler_kwargs["spacing"] = sampler["spacing"]
     labels = read_labels(cfg, pipe)
     conds = labels or prompts  # a class-conditional model guides with its null class, not a negative prompt
 
@@ -106,8 +127,8 @@ def main(cfg: DictConfig) -> None:
         batch = jobs[start : start + cfg.batch_size]
         text = dict(prompt=batch, negative_prompt=cfg.negative_prompt) if not labels else dict(labels=batch)
         out = pipe(
-            **text, steps=steps, guidance_scale=cfg.guidance_scale,
-            sampler=cfg.sampler.name, seed=seed + start, height=height, width=width, init_image=init_image,
+            **text, steps=steps, guidance_scale=guidance_scale,
+            sampler=sampler["name"], seed=seed + start, height=height, width=width, init_image=init_image,
             strength=cfg.strength if init_image is not None else None, mask=mask,
             guidance_rescale=cfg.guidance_rescale, decode_batch_size=cfg.decode_batch_size, **sampler_kwargs,
         )  # fmt: skip
@@ -115,7 +136,7 @@ def main(cfg: DictConfig) -> None:
             meta = dict(
                 file=f"{i:05d}.png", prompt=None if labels else cond,
                 negative_prompt=None if labels else cfg.negative_prompt, seed=seed + i,
-                sampler=cfg.sampler.name, steps=steps, guidance_scale=cfg.guidance_scale,
+                sampler=sampler["name"], steps=steps, guidance_scale=guidance_scale,
                 height=height, width=width,
             )  # fmt: skip
             if labels:

@@ -51,6 +51,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         sample_posterior: bool = True,
         log_buckets_every_n_steps: int = 100,
         seed: int = 0,
+        sampling: dict | None = None,
     ):
         super().__init__()
         if not 0.0 <= ucg_rate < 1.0:
@@ -80,6 +81,10 @@ class LatentDiffusionSystem(pl.LightningModule):
         # its samples, and what the data's resolution must give (ldm.training.checks).
         self.sample_size = sample_size
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
+        # Recommended {sampler, steps, guidance_scale}, carried into exports (`Pipeline.recommended`).
+        from ldm.pipeline import check_sampling
+
+        self.sampling = check_sampling(sampling, "model.sampling")
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         if init_from:
@@ -244,6 +249,7 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.schedule.to(device=self.device),
             self.prediction_type,
             sample_size=self.sample_size,
+            recommended=self.sampling,
         )
 
     def export(
