@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -107,7 +108,9 @@ def fid_kid(features, reference: torch.Tensor, images: torch.Tensor, seed: int =
 
     size = min(100, len(images), len(reference))
     fid = FrechetInceptionDistance(feature=features)
-    kid = KernelInceptionDistance(feature=features, subsets=50, subset_size=size)
+    with warnings.catch_warnings():  # "KID keeps all features in memory": a few thousand x 64 here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        kid = KernelInceptionDistance(feature=features, subsets=50, subset_size=size)
     for metric in (fid, kid):
         metric.update(reference, real=True)
         metric.update(images, real=False)
