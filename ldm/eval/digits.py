@@ -93,9 +93,12 @@ def generated_accuracy(
 
 def heldout_by_class(resolution: int = 32, seed: int = 0) -> dict[int, torch.Tensor]:
     """Held-out real digits (the split `ldm.data.digits` leaves out) after the shards' upscaling, by label."""
-    from ldm.eval.digits_features import digits_split, real_digit_images
+    from ldm.eval.digits_features import digits_split, real_digit_images, split_images
 
-    images, labels = real_digit_images(digits_split(seed)[1], resolution)
+    if seed == 0:
+        images, labels = split_images("heldout", resolution)
+    else:
+        images, labels = real_digit_images(digits_split(seed)[1], resolution)
     return {c: images[labels == c] for c in range(10)}
 
 
@@ -124,10 +127,10 @@ def digits_fid(generated: dict[int, torch.Tensor], resolution: int = 32, feature
     """Digits FID / KID of generated digits (label -> uint8 images) against the training split's real
     digits, next to the held-out real digits' ("real vs real"), both at the same per-class counts:
     min(generated, held out) images of each class, so the two carry the same small-sample bias."""
-    from ldm.eval.digits_features import DigitsFeatures, digits_split, real_digit_images
+    from ldm.eval.digits_features import DigitsFeatures, split_images
 
     features = features or DigitsFeatures()
-    reference, _ = real_digit_images(digits_split(0)[0], resolution)
+    reference, _ = split_images("train", resolution)
     heldout = heldout_by_class(resolution)
     counts = {c: min(len(generated[c]), len(heldout[c])) for c in generated}
     fake = torch.cat([generated[c][: counts[c]] for c in sorted(counts)])

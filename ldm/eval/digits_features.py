@@ -4,8 +4,9 @@ FID (Heusel et al. 2017) compares Gaussians fitted to the features of real and g
 penultimate layer of a classifier trained on real images; for photos that classifier is Inception-v3 on
 ImageNet. The bundled digits are not photos, so here the classifier is a small CNN trained on the training
 split of scikit-learn's 8x8 digits (the split `ldm.data.digits` trains on), seen the way the shards store
-them: upscaled to 32 px by `digit_image`, then area-resized to the network's 16 px input (twice the
-digits' own 8 px, so stroke texture and blur still show). It is trained deterministically (fixed seed,
+them: upscaled by `digit_image` (bicubic) to the network's 16 px input, twice the digits' own 8 px, so
+stroke texture and blur still show; other sizes (the shards' 32 px, generated images) are resized to 16 px
+(antialiased bilinear). It is trained deterministically (fixed seed,
 fixed order, one thread) at first use, in a few seconds on a CPU, and kept for the process. Its
 penultimate features react to the digit's shape and to its strokes, so the distance sees realism and
 diversity, not only readability (which the SVC of `ldm.eval.digits` scores).
@@ -25,10 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 VERSION = 1
-SIDE = 16  # inputs are resized (area) to 16 px: the 8x8 digits upscaled, enough for stroke texture
+SHARD_SIDE = 32  # the shards' resolution (ldm.data.digits)
+SIDE = 16  # network input side (antialiased bilinear resize): twice the digits' 8 px
 
 
-def real_digit_images(indices: list[int] | None = None, resolution: int = SIDE) -> tuple[Tensor, Tensor]:
+def real_digit_images(
+    indices: list[int] | None = None, resolution: int = SHARD_SIDE
+) -> tuple[Tensor, Tensor]:
     """(uint8 N x 3 x R x R images, labels) of scikit-learn's digits after the shard writer's upscaling."""
     from sklearn.datasets import load_digits
 
@@ -38,6 +42,15 @@ def real_digit_images(indices: list[int] | None = None, resolution: int = SIDE) 
     idx = list(range(len(data.target))) if indices is None else list(indices)
     images = np.stack([np.asarray(digit_image(data.images[i], resolution)) for i in idx])
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(data.target[idx])
+
+
+@functools.lru_cache(maxsize=4)
+def split_images(part: str, resolution: int = SHARD_SIDE) -> tuple[Tensor, Tensor]:
+    """`real_digit_images` of the "train" or "heldout" split (cached per process; do not modify)."""
+    if part not in ("train", "heldout"):
+        raise ValueError(f"part={part!r}: expected 'train' or 'heldout'")
+    train, heldout = digits_split(0)
+    return real_digit_images(train if part == "train" else heldout, resolution)
 
 
 def digits_split(seed: int = 0) -> tuple[list[int], list[int]]:
@@ -78,8 +91,9 @@ def _to_input(images: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _training_inputs() -> tuple[Tensor, Tensor]:
-    """The training split as network inputs, with labels (computed once per process)."""
-    images, labels = real_digit_images(digits_split(0)[0])
+    """The training split as network inputs, with labels (computed once per process): upscaled by the
+    shard writer's `digit_image` straight to the network's side (bicubic, 8 -> 16 px)."""
+    images, labels = split_images("train", SIDE)
     return _to_input(images), labels
 
 
