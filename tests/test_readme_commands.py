@@ -65,7 +65,9 @@ COMMANDS: dict[str, Run | Skip] = {
         "digits", TRAIN, ["runs/digits/export/ldm_pipeline.json", "runs/digits/checkpoints/last.ckpt"]
     ),
     "python -m ldm.eval.digits runs/digits --n 50": Run("digits", "--n 1 --steps 2"),
-    "python -m ldm.eval.digits runs/digits --n 50 --guidance-scale 7.5": Run("digits", "--n 1 --steps 2"),
+    "python -m ldm.eval.digits runs/digits --n 50 --sampler dpmpp_2m --steps 20 --guidance-scale 3": Run(
+        "digits", "--n 1 --steps 2"
+    ),
     'python sample.py ckpt=runs/digits prompt="a photo of the digit seven" n=8 out_dir=samples/': Run(
         "digits", "n=1 steps=2", ["samples/00000.png", "samples/metadata.jsonl"], absent=["outputs/samples"]
     ),
