@@ -1,9 +1,12 @@
 """Sample a checkpoint: `python sample.py ckpt=PATH prompt="a photo of a cat" n=4 sampler=euler_a`.
 
 Writes one PNG per image (settings in its text chunk), `grid.png` and `metadata.jsonl` (one object per
-image: file, prompt, negative_prompt, seed, sampler, steps, guidance_scale, height, width) to `out_dir`, or
+image: file, prompt, negative_prompt, seed, sampler, steps, guidance_scale, height, width: the settings
+actually used) to `out_dir`, or
 to a fresh run folder under outputs/samples/. A class-conditional model takes `label=7` (or a class name,
 `label=seven`, or a list `label=[1,7]`) instead of a prompt; its records carry `label` and `class_name`.
+Sampler, steps and guidance scale not given default to the model's recommended settings (recorded by
+training, `Pipeline.recommended`), else dpmpp_2m (its config's steps) and guidance 7.5.
 Options: configs/sample.yaml; samplers: configs/sampler/.
 """
 
@@ -55,7 +58,8 @@ def check_settings(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"{key} not found: {cfg[key]}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype}: expected one of {sorted(DTYPES)}")
-    canonical_sampler_name(cfg.sampler.name)
+    if cfg.get("sampler") is not None:
+        canonical_sampler_name(cfg.sampler.name)
 
 
 def read_labels(cfg: DictConfig, pipe) -> list[int]:
@@ -75,7 +79,7 @@ def read_labels(cfg: DictConfig, pipe) -> list[int]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     import ldm
-    from ldm.generate import generate
+    from ldm.generate import generate, sampling_choice
     from ldm.utils.images import image_grid
 
     check_settings(cfg)
@@ -89,21 +93,21 @@ def main(cfg: DictConfig) -> None:
     )  # fmt: skip
     size = pipe.sample_size * pipe.vae.downsampling_factor
     height, width = cfg.height or size, cfg.width or size
-    steps = cfg.steps or cfg.sampler.steps
+    sampler, steps, guidance_scale = sampling_choice(cfg, pipe.recommended)
     seed = random.randrange(2**31) if cfg.seed is None else int(cfg.seed)
     init_image = Image.open(cfg.init_image).convert("RGB") if cfg.init_image else None
     mask = Image.open(cfg.mask).convert("RGB") if cfg.mask else None
-    sampler_kwargs = dict(cfg.sampler.options, karras=cfg.sampler.karras)
-    if cfg.sampler.spacing:
-        sampler_kwargs["spacing"] = cfg.sampler.spacing
+    sampler_kwargs = dict(sampler["options"], karras=sampler["karras"])
+    if sampler["spacing"]:
+        sampler_kwargs["spacing"] = sampler["spacing"]
     labels = read_labels(cfg, pipe)
     conds = labels or prompts  # a class-conditional model guides with its null class, not a negative prompt
 
     jobs = [c for c in conds for _ in range(cfg.n)]  # image i: condition jobs[i], seed + i
     images, records = [], []
     for _, batch_records, batch_images in generate(
-        pipe, jobs, out_dir, seed=seed, batch_size=cfg.batch_size, sampler=cfg.sampler.name, steps=steps,
-        guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, labels=bool(labels),
+        pipe, jobs, out_dir, seed=seed, batch_size=cfg.batch_size, sampler=sampler["name"], steps=steps,
+        guidance_scale=guidance_scale, negative_prompt=cfg.negative_prompt, labels=bool(labels),
         ckpt=str(cfg.ckpt), height=height, width=width, init_image=init_image,
         strength=cfg.strength if init_image is not None else None, mask=mask,
         guidance_rescale=cfg.guidance_rescale, decode_batch_size=cfg.decode_batch_size, **sampler_kwargs,

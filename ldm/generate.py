@@ -10,7 +10,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from tqdm import tqdm
+
+# configs/sampler/ of the repository: a recommended sampler's options (spacing, karras, eta, ...)
+SAMPLER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sampler"
 
 
 def batch_starts(n_jobs: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -54,3 +58,19 @@ def generate(
         bar.update(len(batch))
         yield start, records, list(out)
     bar.close()
+
+
+def sampling_choice(cfg: Any, recommended: dict) -> tuple[dict, int, float]:
+    """(sampler config, steps, guidance scale): what the command line gave, else the model's
+    `recommended` settings (the recommended sampler with its configs/sampler/ file's options), else
+    dpmpp_2m and guidance 7.5. A chosen sampler= takes its own config's steps unless steps= is given."""
+    if cfg.get("sampler") is not None:
+        sampler = OmegaConf.to_container(cfg.sampler)
+    else:
+        name = recommended.get("sampler", "dpmpp_2m")
+        path = SAMPLER_CONFIGS / f"{name}.yaml"
+        base = {"name": name, "steps": 20, "spacing": None, "karras": False, "options": {}}
+        sampler = dict(base, **OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else base
+        sampler["steps"] = recommended.get("steps", sampler["steps"])
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else recommended.get("guidance_scale", 7.5)
+    return sampler, int(cfg.steps or sampler["steps"]), float(scale)

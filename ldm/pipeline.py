@@ -84,11 +84,40 @@ class LatentBlend:
         return z0, eps
 
 
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale")
+
+
+def check_sampling(settings: dict[str, Any] | None, where: str = "sampling") -> dict[str, Any]:
+    """Recommended sampling settings ({sampler, steps, guidance_scale}, any subset) checked and as plain
+    values; {} for None. A bad key or value raises, naming it."""
+    from ldm.diffusion.samplers import canonical_sampler_name
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {list(SAMPLING_KEYS)}")
+    out: dict[str, Any] = {}
+    if settings.get("sampler") is not None:
+        canonical_sampler_name(str(settings["sampler"]))  # raises on an unknown sampler, listing them
+        out["sampler"] = str(settings["sampler"])
+    if settings.get("steps") is not None:
+        if int(settings["steps"]) != settings["steps"] or int(settings["steps"]) < 1:
+            raise ValueError(f"{where}.steps={settings['steps']}: expected a positive integer")
+        out["steps"] = int(settings["steps"])
+    if settings.get("guidance_scale") is not None:
+        if float(settings["guidance_scale"]) < 0:
+            raise ValueError(f"{where}.guidance_scale={settings['guidance_scale']}: expected >= 0")
+        out["guidance_scale"] = float(settings["guidance_scale"])
+    return out
+
+
 class Pipeline:
     """UNet + autoencoder + conditioner + noise schedule, callable as text-to-image / img2img / inpaint.
 
     The conditioner is a `TextConditioner` (Stable Diffusion: `pipe(prompt)`) or a `ClassConditioner`
-    (class-conditional LDMs: `pipe(labels=[3, "seven"])`)."""
+    (class-conditional LDMs: `pipe(labels=[3, "seven"])`). `recommended` holds the sampling settings the
+    model was trained to be sampled with ({sampler, steps, guidance_scale}, from the experiment's
+    `model.sampling`; saved with it): `sampling_settings` fills what a caller leaves out from them."""
 
     def __init__(
         self,
@@ -98,6 +127,7 @@ class Pipeline:
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
         sample_size: int | None = None,
+        recommended: dict[str, Any] | None = None,
     ):
         if not isinstance(conditioner, (TextConditioner, ClassConditioner)):
             raise TypeError(f"a Pipeline samples text- or class-conditional models, got {type(conditioner)}")
@@ -106,6 +136,23 @@ class Pipeline:
         self.prediction_type = prediction_type
         # Default image side in latent pixels (diffusers' unet sample_size): 64 for SD1 (512 px).
         self.sample_size = sample_size or 64
+        self.recommended = check_sampling(recommended, "recommended")
+
+    def sampling_settings(
+        self,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        fallback: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """{sampler, steps, guidance_scale}: each as given, else the model's recommended, else `fallback`
+        (default: dpmpp_2m, 30 steps, guidance 7.5, as `__call__`)."""
+        chosen = {"sampler": "dpmpp_2m", "steps": 30, "guidance_scale": 7.5}
+        chosen.update(fallback or {})
+        chosen.update(self.recommended)
+        given = check_sampling({"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale})
+        chosen.update(given)
+        return chosen
 
     @property
     def is_class_conditional(self) -> bool:

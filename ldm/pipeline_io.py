@@ -122,6 +122,7 @@ def _load_ldm_folder(
         _schedule(cfg["scheduler"]),
         prediction_type or cfg["prediction_type"],
         cfg.get("sample_size"),
+        cfg.get("sampling"),
     )
 
 
@@ -198,6 +199,7 @@ def _load_single(
         _schedule(meta.get("scheduler")),
         prediction_type or meta.get("prediction_type", "epsilon"),
         meta.get("sample_size"),
+        meta.get("sampling"),
     )
 
 
@@ -260,6 +262,7 @@ def _load_run(path: Path, use_ema: bool, prediction_type: str | None, tokenizer:
         NoiseSchedule(**schedule) if schedule else _schedule(None),
         prediction_type or ckpt.get("prediction_type") or model.get("prediction_type", "epsilon"),
         sample_size=resolution // f if resolution else None,
+        recommended=model.get("sampling"),
     )
 
 
@@ -280,6 +283,8 @@ def pipeline_config(pipe: Pipeline) -> dict[str, Any]:
         prediction_type=pipe.prediction_type,
         sample_size=pipe.sample_size,
     )
+    if pipe.recommended:  # the experiment's recommended sampler, steps and guidance scale
+        cfg["sampling"] = dict(pipe.recommended)
     return cfg
 
 

@@ -74,11 +74,13 @@ COMMANDS: dict[str, Run | Skip] = {
     "python train.py hydra.run.dir=runs/digits": Run(
         "digits", TRAIN, ["runs/digits/export/ldm_pipeline.json", "runs/digits/checkpoints/last.ckpt"]
     ),
-    "python -m ldm.eval.digits runs/digits --n 50 --steps 20 --guidance-scale 3": Run(
-        "digits", "--n 1 --steps 2"
+    "python -m ldm.eval.digits runs/digits --n 50": Run("digits", "--n 1 --steps 2"),
+    "python -m ldm.eval.digits runs/digits --n 50 --sampler dpmpp_2m --steps 20 --guidance-scale 3": Run(
+        "digits",
+        "--n 1 --steps 2",
+        slow=True,  # the command above with other flags (12 s)
     ),
-    'python sample.py ckpt=runs/digits prompt="a photo of the digit seven" n=8 guidance_scale=3 '
-    "out_dir=samples/": Run(
+    'python sample.py ckpt=runs/digits prompt="a photo of the digit seven" n=8 out_dir=samples/': Run(
         "digits", "n=1 steps=2", ["samples/00000.png", "samples/metadata.jsonl"], absent=["outputs/samples"]
     ),
     # Stage one, then stage two on its export.

@@ -66,6 +66,13 @@ def test_run_folder_loads_for_sampling(common, tmp_path):
     from_export = ldm.load_pipeline(run / "export")(**args)
     assert from_run.shape == (1, 3, 32, 32)
     assert torch.equal(from_run, from_export)
+    # The experiment's recommended sampling settings travel with the run and its export.
+    from omegaconf import OmegaConf
+
+    from tests.tiny import REPO
+
+    wanted = OmegaConf.to_container(OmegaConf.load(REPO / "configs/model/ldm/digits.yaml").sampling)
+    assert ldm.load_pipeline(run).recommended == ldm.load_pipeline(run / "export").recommended == wanted
 
 
 def test_ddp_two_processes_on_cpu(common, tmp_path):

@@ -67,26 +67,27 @@ def native_size(cfg: DictConfig, pipe) -> int:
 
 def generated_batches(cfg, state, pipe, out_dir: Path, score):
     """Generate this process's batches and score each; returns (batch scores, settings)."""
-    from ldm.generate import batch_starts, generate
+    from ldm.generate import batch_starts, generate, sampling_choice
 
     size = pipe.sample_size * pipe.vae.downsampling_factor
     height, width = cfg.height or size, cfg.width or size
     prompts = read_prompts(str(cfg.prompts))
     jobs = [prompts[i % len(prompts)] for i in range(int(cfg.n))]
-    steps = cfg.steps or cfg.sampler.steps
-    sampler_kwargs = dict(cfg.sampler.options, karras=cfg.sampler.karras)
-    if cfg.sampler.spacing:
-        sampler_kwargs["spacing"] = cfg.sampler.spacing
+    # What the command line gives, else the settings the model was exported with (Pipeline.recommended)
+    sampler, steps, guidance_scale = sampling_choice(cfg, pipe.recommended)
+    sampler_kwargs = dict(sampler["options"], karras=sampler["karras"])
+    if sampler["spacing"]:
+        sampler_kwargs["spacing"] = sampler["spacing"]
     starts = batch_starts(len(jobs), cfg.batch_size, state.process_index, state.num_processes)
     results = []
     for start, records, images in generate(
-        pipe, jobs, out_dir, seed=int(cfg.seed), batch_size=cfg.batch_size, sampler=cfg.sampler.name,
-        steps=steps, guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+        pipe, jobs, out_dir, seed=int(cfg.seed), batch_size=cfg.batch_size, sampler=sampler["name"],
+        steps=steps, guidance_scale=guidance_scale, negative_prompt=cfg.negative_prompt,
         ckpt=str(cfg.ckpt), starts=starts, progress=state.is_main_process, height=height, width=width,
         **sampler_kwargs,
     ):  # fmt: skip
         results.append(score(start, images, [r["prompt"] for r in records], records))
-    settings = dict(sampler=cfg.sampler.name, steps=steps, guidance_scale=cfg.guidance_scale)
+    settings = dict(sampler=sampler["name"], steps=steps, guidance_scale=guidance_scale)
     return results, dict(settings, seed=int(cfg.seed), height=height, width=width, ckpt=str(cfg.ckpt))
 
 

@@ -52,6 +52,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         log_buckets_every_n_steps: int = 100,
         seed: int = 0,
         prior_loss_weight: float = 1.0,
+        sampling: dict | None = None,
     ):
         super().__init__()
         if prior_loss_weight < 0:
@@ -85,6 +86,10 @@ class LatentDiffusionSystem(pl.LightningModule):
         # its samples, and what the data's resolution must give (ldm.training.checks).
         self.sample_size = sample_size
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
+        # Recommended {sampler, steps, guidance_scale}, carried into exports (`Pipeline.recommended`).
+        from ldm.pipeline import check_sampling
+
+        self.sampling = check_sampling(sampling, "model.sampling")
         if gradient_checkpointing:
             self.unet.set_gradient_checkpointing(True)
         if init_from:
@@ -279,6 +284,7 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.schedule.to(device=self.device),
             self.prediction_type,
             sample_size=self.sample_size,
+            recommended=self.sampling,
         )
 
     def export(
