@@ -102,7 +102,7 @@ def test_sample_script_choice_of_sampler_overrides_the_recommended(recommended_e
     """sampler=NAME takes that sampler's config (its steps, options) unless steps= is given."""
     from hydra import compose, initialize_config_dir
 
-    import sample
+    from ldm.generate import sampling_choice
     from tests.tiny import REPO
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -111,11 +111,11 @@ def test_sample_script_choice_of_sampler_overrides_the_recommended(recommended_e
         given = compose(
             "sample", overrides=["ckpt=x", "sampler=dpmpp_2m_karras", "steps=7", "guidance_scale=4"]
         )
-    sampler, steps, scale = sample.sampling_choice(chosen, RECOMMENDED)
+    sampler, steps, scale = sampling_choice(chosen, RECOMMENDED)
     assert (sampler["name"], sampler["options"]["eta"], steps, scale) == ("euler_a", 1.0, 30, 2.5)
-    sampler, steps, scale = sample.sampling_choice(given, RECOMMENDED)
+    sampler, steps, scale = sampling_choice(given, RECOMMENDED)
     assert (sampler["name"], sampler["karras"], steps, scale) == ("dpmpp_2m", True, 7, 4.0)
-    sampler, steps, scale = sample.sampling_choice(plain, {})  # a model that recommends nothing
+    sampler, steps, scale = sampling_choice(plain, {})  # a model that recommends nothing
     assert (sampler["name"], steps, scale) == ("dpmpp_2m", 20, 7.5)
-    sampler, steps, scale = sample.sampling_choice(plain, {"sampler": "dpmpp_2m_karras"})
+    sampler, steps, scale = sampling_choice(plain, {"sampler": "dpmpp_2m_karras"})
     assert (sampler["name"], sampler["karras"], steps) == ("dpmpp_2m", True, 20)
