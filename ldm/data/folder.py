@@ -151,6 +151,16 @@ def split_items(
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def pick_caption(item: FolderItem, instance_prompt: str | None, rng: random.Random) -> str:
+    """The caption of one draw: the fixed instance prompt (DreamBooth), else one of the image's captions
+    (several lines in its .txt: one at random per draw), else its only caption."""
+    if instance_prompt is not None:
+        return instance_prompt
+    if isinstance(item.caption, tuple):
+        return rng.choice(item.caption)
+    return item.caption
+
+
 class ImageFolderDataset(Dataset):
     """Map-style dataset over `FolderItem`s, `repeats` times over (kohya's / diffusers DreamBooth's
     `repeats`), returning samples in the data contract's per-sample form."""
@@ -178,12 +188,7 @@ class ImageFolderDataset(Dataset):
         """Decode, transform and caption one image (raises ImageDecodeError / UnsupportedModeError)."""
         img = load_rgb(open_image(item.path.read_bytes()))  # upright RGB: EXIF rotation applied
         image, crop = self.transform(img, rng)
-        if self.instance_prompt is not None:
-            caption = self.instance_prompt
-        elif isinstance(item.caption, tuple):
-            caption = rng.choice(item.caption)
-        else:
-            caption = item.caption
+        caption = pick_caption(item, self.instance_prompt, rng)
         return {
             "image": image,
             "caption": caption,

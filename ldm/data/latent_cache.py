@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ldm.data.folder import pick_caption
 from ldm.data.transforms import ImageTransform, cover_size, load_rgb, open_image
 
 log = logging.getLogger(__name__)
@@ -269,12 +270,7 @@ class CachedLatentDataset(Dataset):
         item = self.items[index % len(self.items)]
         entry = self.entries[item.key]
         variant = 1 if self.random_flip and rng.random() < 0.5 else 0  # ImageTransform's flip draw
-        if self.instance_prompt is not None:
-            caption = self.instance_prompt
-        elif isinstance(item.caption, tuple):
-            caption = rng.choice(item.caption)
-        else:
-            caption = item.caption
+        caption = pick_caption(item, self.instance_prompt, rng)
         return {
             "latent_mean": entry["mean"][variant], "latent_std": entry["std"][variant],
             "context": self.contexts[caption], "uncond_context": self.contexts[""], "caption": caption,

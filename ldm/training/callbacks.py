@@ -27,7 +27,44 @@ def log_image(trainer: pl.Trainer, key: str, image, step: int) -> None:
             logger.experiment.add_image(key, np.asarray(image), step, dataformats="HWC")
 
 
-class SampleGrid(pl.Callback):
+class EveryNSteps(pl.Callback):
+    """Runs `run(trainer, pl_module, pipe, step)` every `every_n_steps` optimizer steps and after the last,
+    once per step, on global rank 0, with a Pipeline of the EMA weights at the data's resolution (the model
+    put back in its train/eval mode afterwards). Sample grids and the periodic FID evaluation share it."""
+
+    every_n_steps: int = 0
+    _last_step: int = -1
+
+    def run(self, trainer: pl.Trainer, pl_module: Any, pipe: Any, step: int) -> None:
+        raise NotImplementedError
+
+    def _run(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return
+        self._last_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            pipe = pl_module.to_pipeline(use_ema=True)
+            if hasattr(trainer, "datamodule") and hasattr(trainer.datamodule, "resolution"):
+                pipe.sample_size = trainer.datamodule.resolution // pipe.vae.downsampling_factor
+            with torch.no_grad():
+                self.run(trainer, pl_module, pipe, step)
+        finally:
+            pl_module.train(was_training)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._run(trainer, pl_module)
+
+
+class SampleGrid(EveryNSteps):
     """Every `every_n_steps` optimizer steps (and after the last), sample the prompts with the EMA weights
     and a fixed seed, save `<run>/samples/step_XXXXXXX.png` and log the grid: a run's progress by eye."""
 
@@ -49,40 +86,17 @@ class SampleGrid(pl.Callback):
                            num_images_per_prompt=n_per_prompt, height=height, width=width)  # fmt: skip
         self.n_per_prompt = n_per_prompt
         self.dirpath = dirpath
-        self._last_step = -1
 
-    def _run(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:
-            return
-        self._last_step = step
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            pipe = pl_module.to_pipeline(use_ema=True)
-            if hasattr(trainer, "datamodule") and hasattr(trainer.datamodule, "resolution"):
-                pipe.sample_size = trainer.datamodule.resolution // pipe.vae.downsampling_factor
-            # A class-conditional model has no prompts: it draws every class instead.
-            classes = getattr(pipe.conditioner, "n_classes", None)
-            cond = dict(labels=list(range(classes))) if classes else dict(prompt=self.prompts)
-            with torch.no_grad():
-                images = pipe(**cond, **self.kwargs)
-        finally:
-            pl_module.train(was_training)
+    def run(self, trainer: pl.Trainer, pl_module: Any, pipe: Any, step: int) -> None:
+        # A class-conditional model has no prompts: it draws every class instead.
+        classes = getattr(pipe.conditioner, "n_classes", None)
+        cond = dict(labels=list(range(classes))) if classes else dict(prompt=self.prompts)
+        images = pipe(**cond, **self.kwargs)
         grid = image_grid(images, cols=self.n_per_prompt if self.n_per_prompt > 1 else None)
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "samples")
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step_{step:07d}.png")
         log_image(trainer, "samples", grid, step)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._run(trainer, pl_module)
 
 
 class Throughput(pl.Callback):

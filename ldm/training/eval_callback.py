@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import nn
 
+from ldm.training.callbacks import EveryNSteps
 
-class EvalCallback(pl.Callback):
+
+class EvalCallback(EveryNSteps):
     """Every `every_n_steps` optimizer steps (and after the last), sample `n` images of `prompts` (a list or
     a text file; image i: prompt i mod len, seed seed + i) with the EMA weights on global rank 0, score them
     against `ref` in `extractor`'s feature space, and log the numbers at that step."""
@@ -44,49 +45,27 @@ class EvalCallback(pl.Callback):
         self.sampling = dict(steps=steps, sampler=sampler, guidance_scale=guidance_scale)
         self.clip_model, self.cache_dir, self.ref_n = clip_model, cache_dir, ref_n
         self.kid = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
-        self._clip, self._last_step = None, -1
+        self._clip = None
 
-    def _run(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def run(self, trainer: pl.Trainer, pl_module: Any, pipe: Any, step: int) -> None:
         from ldm.eval.metrics import ClipScorer
         from ldm.eval.reference import reference_stats
         from ldm.eval.score import evaluate_pipeline
 
-        step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:
-            return
-        self._last_step = step
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            pipe = pl_module.to_pipeline(use_ema=True)
-            if getattr(pipe, "is_class_conditional", False):
-                raise ValueError("callbacks.eval_fid samples prompts; this model is class-conditional")
-            if hasattr(trainer, "datamodule") and hasattr(trainer.datamodule, "resolution"):
-                pipe.sample_size = trainer.datamodule.resolution // pipe.vae.downsampling_factor
-            size = self.image_size or pipe.sample_size * pipe.vae.downsampling_factor
-            self.extractor.to(pl_module.device)
-            if self.clip_model and self._clip is None:
-                self._clip = ClipScorer(self.clip_model, pl_module.device)
-            ref, _ = reference_stats(
-                self.ref, self.extractor, image_size=size, n=self.ref_n, cache_dir=self.cache_dir
-            )  # cached after the first time
-            with torch.no_grad():
-                metrics = evaluate_pipeline(
-                    pipe, self.prompts, ref, self.extractor, n=self.n, seed=self.seed,
-                    batch_size=self.batch_size, clip=self._clip, image_size=size, **self.sampling, **self.kid,
-                )  # fmt: skip
-        finally:
-            pl_module.train(was_training)
+        if getattr(pipe, "is_class_conditional", False):
+            raise ValueError("callbacks.eval_fid samples prompts; this model is class-conditional")
+        size = self.image_size or pipe.sample_size * pipe.vae.downsampling_factor
+        self.extractor.to(pl_module.device)
+        if self.clip_model and self._clip is None:
+            self._clip = ClipScorer(self.clip_model, pl_module.device)
+        ref, _ = reference_stats(
+            self.ref, self.extractor, image_size=size, n=self.ref_n, cache_dir=self.cache_dir
+        )  # cached after the first time
+        metrics = evaluate_pipeline(
+            pipe, self.prompts, ref, self.extractor, n=self.n, seed=self.seed,
+            batch_size=self.batch_size, clip=self._clip, image_size=size, **self.sampling, **self.kid,
+        )  # fmt: skip
         keys = ("fid", "kid_mean", "kid_std", "clip_score")
         values = {f"eval/{k}": float(metrics[k]) for k in keys if metrics[k] is not None}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        if self.every_n_steps and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._run(trainer, pl_module)
