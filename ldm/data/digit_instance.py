@@ -58,7 +58,9 @@ class DigitInstanceDataModule(FolderDataModule):
             raise ValueError(f"data.digit={digit}: must be 0-9")
         self.instance_root, self.digit = Path(root), int(digit)
         folder = self.instance_root / f"digit{digit}_{resolution}px"
-        super().__init__(folder, resolution, instance_prompt=instance_prompt, random_flip=random_flip, **kwargs)
+        super().__init__(
+            folder, resolution, instance_prompt=instance_prompt, random_flip=random_flip, **kwargs
+        )
 
     def prepare_data(self) -> None:
         prepare_digit_folder(self.instance_root, self.digit, self.resolution)
