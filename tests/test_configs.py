@@ -190,9 +190,7 @@ def test_every_lora_config_adapts_the_sd15_unet(name):
     CLIP ViT-L/14 (built on the meta device) and gives the adapter size it says."""
     from ldm.adapters.policy import LoraSettings, apply_trainable
 
-    cfg = composed(
-        "experiment=lora_sd15", f"model/lora={name}", "model.init_from=x", "data.root=x"
-    )
+    cfg = composed("experiment=lora_sd15", f"model/lora={name}", "model.init_from=x", "data.root=x")
     settings = LoraSettings.from_config(OmegaConf.to_container(cfg.model.lora))
     with init_empty_weights():
         unet = instantiate(cfg.model.unet)
