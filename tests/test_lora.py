@@ -282,3 +282,32 @@ def test_bad_policy_settings_name_the_key(base_model, kwargs, message):
         kwargs = dict(kwargs, init_from=str(base_model))
     with pytest.raises(ValueError, match=message):
         digits_system(**kwargs)
+
+
+def test_sample_script_lora(lora_pipe, tiny_sd_folder, tmp_path):
+    """`python sample.py lora=PATH lora_scale=S` as a shell runs it: the images of Pipeline.load_lora at S;
+    a LoRA for another model stops it with the unmatched layers named."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_sample_script import run_sample
+
+    path = save_kohya(tmp_path / "lora.safetensors", lora_file(lora_pipe), lora_pipe.unet)
+    args = ["prompt=a photo of the digit two", "steps=3", "sampler=euler", "seed=4", "guidance_scale=3.0"]
+    proc = run_sample(
+        f"ckpt={tiny_sd_folder}", f"lora={path}", "lora_scale=0.8", *args, f"out_dir={tmp_path / 's'}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    pipe = ldm.load_pipeline(tiny_sd_folder).load_lora(path, scale=0.8)
+    expected = pipe("a photo of the digit two", steps=3, sampler="euler", seed=4, guidance_scale=3.0)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s" / "00000.png")), np.asarray(expected))
+
+    name = "lora_unet_down_blocks_9_attentions_0_proj_in"  # a fifth level: another model's layer
+    other = {
+        f"{name}.lora_down.weight": torch.zeros(2, 32, 1, 1),
+        f"{name}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+    }
+    save_file(other, tmp_path / "other.safetensors")
+    proc = run_sample(f"ckpt={tiny_sd_folder}", f"lora={tmp_path / 'other.safetensors'}", *args,
+                      f"out_dir={tmp_path / 'o'}")  # fmt: skip
+    assert proc.returncode != 0 and name in proc.stderr
