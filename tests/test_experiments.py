@@ -220,6 +220,7 @@ DIGITS_LORA = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # ~15 s; adapter-only training through a real Trainer is in tests/test_lora.py (fast)
 def test_digits_lora(shards, digits_base, tmp_path):
     """Adapters only: small checkpoints without the base, an export in both LoRA layouts that loads onto
     the base, and the run folder itself loading as base + adapters."""

@@ -51,7 +51,7 @@ def random_lora(module, targets, table, rank=4, alpha=2.0, seed=0):
 
 def unet_inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 600]), torch.randn(2, 7, 32, generator=g)
+    return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([600]), torch.randn(1, 7, 32, generator=g)
 
 
 def test_merged_and_unmerged_forwards_agree():
@@ -284,6 +284,7 @@ def test_bad_policy_settings_name_the_key(base_model, kwargs, message):
         digits_system(**kwargs)
 
 
+@pytest.mark.slow  # two `python sample.py` processes (~10 s each)
 def test_sample_script_lora(lora_pipe, tiny_sd_folder, tmp_path):
     """`python sample.py lora=PATH lora_scale=S` as a shell runs it: the images of Pipeline.load_lora at S;
     a LoRA for another model stops it with the unmatched layers named."""
