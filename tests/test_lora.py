@@ -274,6 +274,7 @@ def test_unet_plus_text_encoder_has_its_own_learning_rate(base_model):
         (dict(trainable="unet", lora={"rank": 4}), "model.trainable=lora or model.lora=null"),
         (dict(trainable="all"), "expected one of"),
         (dict(text_encoder_lr=1e-5), "text encoder is frozen"),
+        (dict(init_from="BASE", lora={"rank": 4}, text_encoder_lr=1e-5), "text encoder is frozen"),
         (dict(export_formats=["ldm", "ckpt"]), r"unknown \['ckpt'\]"),
     ],
 )

@@ -109,10 +109,6 @@ class LatentDiffusionSystem(pl.LightningModule):
         unknown = sorted(set(self.export_formats) - {"ldm", "single_file", "diffusers"})
         if unknown:
             raise ValueError(f"model.export_formats: unknown {unknown}; use ldm, single_file, diffusers")
-        if text_encoder_lr is not None and self.trainable == "unet":
-            raise ValueError(
-                "model.text_encoder_lr is set but the text encoder is frozen (model.trainable=unet)"
-            )
         if self.trainable == "lora":
             # The checkpoint keeps only the adapters: the base must come back from init_from on resume.
             if not init_from:
@@ -123,6 +119,11 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.init_from_ema = init_from_ema
             self.strict_loading = False  # the checkpoint's state dict holds the adapters only
         apply_trainable(self.trainable, self.unet, self.text_model, self.lora)
+        if text_encoder_lr is not None and not self.trains_text_encoder:
+            raise ValueError(
+                f"model.text_encoder_lr is set but the text encoder is frozen (model.trainable="
+                f"{self.trainable}; train it with unet+text_encoder or model.lora.text_encoder_targets)"
+            )
         if self.trainable == "lora":
             self.base_checksum = frozen_checksum(self.unet, self.conditioner, self.autoencoder)
 
