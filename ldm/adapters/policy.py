@@ -121,6 +121,8 @@ def param_groups(
         if text_encoder_lr is not None:
             group["lr"] = float(text_encoder_lr)
         groups.append(group)
+    if len(groups) == 1:  # one group: Lightning's LR monitor keeps its plain key (lr-AdamW)
+        del groups[0]["name"]
     return groups
 
 
