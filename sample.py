@@ -91,6 +91,8 @@ def main(cfg: DictConfig) -> None:
         cfg.ckpt, device=device, dtype=DTYPES[cfg.dtype], allow_pickle=cfg.allow_pickle,
         prediction_type=cfg.prediction_type, tokenizer=cfg.tokenizer,
     )  # fmt: skip
+    if cfg.get("lora"):  # a kohya or diffusers/PEFT LoRA file (or a LoRA run's export folder)
+        pipe.load_lora(cfg.lora, scale=float(cfg.lora_scale))
     size = pipe.sample_size * pipe.vae.downsampling_factor
     height, width = cfg.height or size, cfg.width or size
     sampler, steps, guidance_scale = sampling_choice(cfg, pipe.recommended)

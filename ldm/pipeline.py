@@ -191,10 +191,59 @@ class Pipeline:
         return self.unet(x.to(self.dtype), t, context, **kwargs).float()
 
     def save(self, path: str | Path, format: str = "ldm") -> Path:
-        """Write as "ldm" (our folder), "single_file" or "diffusers" (see `ldm.pipeline_io.save_pipeline`)."""
+        """Write as "ldm" (our folder), "single_file" or "diffusers" (see `ldm.pipeline_io.save_pipeline`).
+        A loaded LoRA is saved merged in (at its current scale)."""
+        from ldm.adapters.lora import has_lora, merged_copy
         from ldm.pipeline_io import save_pipeline  # pipeline_io builds Pipelines: import here, not at the top
 
+        if has_lora(self.unet) or has_lora(self.conditioner):
+            plain = Pipeline(merged_copy(self.unet), self.vae, merged_copy(self.conditioner), self.schedule,
+                             self.prediction_type, self.sample_size)  # fmt: skip
+            return save_pipeline(plain, path, format)
         return save_pipeline(self, path, format)
+
+    # ------------------------------------------------------------------ LoRA (ldm/adapters)
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> Pipeline:
+        """Add a LoRA file's adapters at `scale`: kohya layout (A1111 / ComfyUI files, ours) or diffusers /
+        PEFT (`pytorch_lora_weights.safetensors`), or a folder holding either (ldm/checkpoints/lora_files.py).
+        Layers of the file that match none of this model's are an error naming them. One LoRA at a time:
+        `fuse_lora()` or `unload_lora()` first."""
+        from ldm.adapters.lora import has_lora, load_lora
+        from ldm.checkpoints.lora_files import read_lora
+
+        if has_lora(self.unet) or has_lora(self.conditioner):
+            raise ValueError("a LoRA is already loaded: call pipe.fuse_lora() or pipe.unload_lora() first")
+        text = getattr(self.text_encoder, "transformer", None)
+        lora = read_lora(path, self.unet, text)
+        if lora.unet:
+            load_lora(self.unet, lora.unet, scale)
+        if lora.text_encoder:
+            load_lora(text, lora.text_encoder, scale)
+        return self
+
+    def set_lora_scale(self, scale: float) -> Pipeline:
+        """Change the loaded LoRA's strength (0 = the base model)."""
+        from ldm.adapters.lora import set_lora_scale
+
+        set_lora_scale(self.unet, scale)
+        set_lora_scale(self.conditioner, scale)
+        return self
+
+    def fuse_lora(self) -> Pipeline:
+        """Merge the loaded LoRA into the weights for good (plain layers again, no adapter cost)."""
+        from ldm.adapters.lora import remove_lora
+
+        remove_lora(self.unet, merge=True)
+        remove_lora(self.conditioner, merge=True)
+        return self
+
+    def unload_lora(self) -> Pipeline:
+        """Drop the loaded LoRA: the base model again, bit for bit."""
+        from ldm.adapters.lora import remove_lora
+
+        remove_lora(self.unet, merge=False)
+        remove_lora(self.conditioner, merge=False)
+        return self
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:

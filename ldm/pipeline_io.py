@@ -241,6 +241,8 @@ def _load_run(path: Path, use_ema: bool, prediction_type: str | None, tokenizer:
 
     ckpt_path, config_path = _run_files(path)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "lora" in ckpt:  # a LoRA run keeps only its adapters: the base is its init_from
+        return _load_lora_run(ckpt, prediction_type, tokenizer)
     sd = ckpt["state_dict"]
     parts = {p: {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)} for p in ("unet.", "autoencoder.")}
     if not parts["unet."]:
@@ -264,6 +266,24 @@ def _load_run(path: Path, use_ema: bool, prediction_type: str | None, tokenizer:
         sample_size=resolution // f if resolution else None,
         recommended=model.get("sampling"),
     )
+
+
+def _load_lora_run(ckpt: dict[str, Any], prediction_type: str | None, tokenizer: str | None) -> Pipeline:
+    """The base model of a LoRA run (model.init_from) with the checkpoint's adapters added (unmerged)."""
+    from ldm.adapters.lora import load_lora
+    from ldm.adapters.policy import adapter_weights
+
+    info, sd = ckpt["lora"], ckpt["state_dict"]
+    alpha = float(info["rank"] if info.get("alpha") is None else info["alpha"])
+    pipe = load_pipeline(
+        info["init_from"], use_ema=bool(info.get("init_from_ema", False)), prediction_type=prediction_type,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    load_lora(pipe.unet, adapter_weights(sd, "unet.", alpha))
+    text = adapter_weights(sd, "conditioner.transformer.", alpha)
+    if text:
+        load_lora(pipe.conditioner.transformer, text)
+    return pipe
 
 
 def pipeline_config(pipe: Pipeline) -> dict[str, Any]:

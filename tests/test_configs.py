@@ -19,7 +19,12 @@ from tests.tiny import REPO
 
 register_resolvers()
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
-MODEL_CONFIGS = sorted(f"{p.parent.name}/{p.stem}" for p in (REPO / "configs" / "model").glob("*/*.yaml"))
+MODEL_CONFIGS = sorted(
+    f"{p.parent.name}/{p.stem}"
+    for p in (REPO / "configs" / "model").glob("*/*.yaml")
+    if p.parent.name != "lora"
+)  # configs/model/lora/ holds settings (model.lora), not modules: tested with the policy below
+LORA_CONFIGS = sorted(p.stem for p in (REPO / "configs" / "model" / "lora").glob("*.yaml"))
 # Released parameter counts: SD1.5 UNet (CompVis v1-inference.yaml, "859.52 M params"), SD2.1 UNet
 # (Stability-AI v2-inference-v.yaml, 865.91 M), KL-f8 (CompVis models/first_stage_models/kl-f8, 83.65 M),
 # CLIP ViT-L/14 text model (openai/clip-vit-large-patch14, 123.06 M).
@@ -41,6 +46,8 @@ OFFLINE = {  # by model config file or experiment
     "ae_kl_f8": NO_VGG,
     "dreambooth_sd15": [*NO_HUB_LDM, "model.init_from=null"],  # the released file it fine-tunes: not here
     "digits_dreambooth": ["model.init_from=null"],  # a trained digits run: not here
+    "lora_sd15": NO_HUB_LDM,
+    "finetune_sd15": NO_HUB_LDM,
 }
 LAION = ("ae_kl_f8", "sd15_laion", "sd21_v_laion")
 # SD-size configs, built with their parameters on the meta device.
@@ -56,8 +63,8 @@ def composed(*overrides: str):
 
 def test_experiments_are_the_ones_documented():
     assert EXPERIMENTS == [
-        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion",
-        "sd21_v_laion",
+        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "digits_lora", "dreambooth_sd15",
+        "finetune_sd15", "lora_sd15", "sd15_laion", "sd21_v_laion",
     ]  # fmt: skip
 
 
@@ -165,7 +172,18 @@ def test_every_experiment_instantiates(name):
     if name in LAION:
         overrides.append("data.urls='/data/{00000..00009}.tar'")
     cfg = composed(*overrides)
-    model = build_model(cfg, full_size=name in LAION or name == "dreambooth_sd15")
+    if name in ("digits_lora", "lora_sd15", "finetune_sd15"):
+        # Released-weights recipes load their base (model.init_from=PATH): without one a LoRA recipe stops
+        # naming init_from, a full fine-tune builds from scratch (tests/test_experiments.py runs each end to
+        # end on a tiny base).
+        assert cfg.model.init_from is None
+        if "sd15" in name:
+            cfg.model.autoencoder.path = "???"  # the base's file: build_model uses the kl_f8 architecture
+        if cfg.model.get("lora"):
+            with pytest.raises(Exception, match="model.lora needs model.init_from"):
+                build_model(cfg, full_size="sd15" in name)
+            return
+    model = build_model(cfg, full_size=name in LAION or "sd15" in name)
     assert isinstance(model, torch.nn.Module)
     if name in ("sd15_laion", "dreambooth_sd15"):
         assert n_params(model.unet) == SD15_UNET and n_params(model.conditioner) == CLIP_L
@@ -177,3 +195,19 @@ def test_every_experiment_instantiates(name):
         assert n_params(model.discriminator) == 2_765_633  # CompVis NLayerDiscriminator(3 layers, ndf 64)
     if name.startswith("digits"):
         assert all(p.device.type == "cpu" for p in model.parameters())  # built for real, tiny
+
+
+@pytest.mark.parametrize("name", LORA_CONFIGS)
+def test_every_lora_config_adapts_the_sd15_unet(name):
+    """Each LoRA settings file, composed as the LoRA experiment does, selects layers of the SD1.5 UNet and
+    CLIP ViT-L/14 (built on the meta device) and gives the adapter size it says."""
+    from ldm.adapters.policy import LoraSettings, apply_trainable
+
+    cfg = composed("experiment=lora_sd15", f"model/lora={name}", "model.init_from=x", "data.root=x")
+    settings = LoraSettings.from_config(OmegaConf.to_container(cfg.model.lora))
+    with init_empty_weights():
+        unet = instantiate(cfg.model.unet)
+        text = instantiate(OmegaConf.load(REPO / "configs/model/conditioner/tiny.yaml")).transformer
+    apply_trainable("lora", unet, text if settings.text_encoder_targets else None, settings)
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert 0 < trained < 0.05 * sum(p.numel() for p in unet.parameters())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -74,8 +75,8 @@ def sd_overrides(experiment: str, shards: Path, sd_folder: Path) -> list[str]:
 
 def test_every_experiment_has_a_run_here():
     assert EXPERIMENTS == [
-        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "dreambooth_sd15", "sd15_laion",
-        "sd21_v_laion",
+        "ae_kl_f8", "digits", "digits_ae", "digits_dreambooth", "digits_lora", "dreambooth_sd15",
+        "finetune_sd15", "lora_sd15", "sd15_laion", "sd21_v_laion",
     ]  # fmt: skip
 
 
@@ -243,3 +244,140 @@ def test_callbacks_an_autoencoder_cannot_serve_stop_at_start_up(overrides, messa
     )
     for part in message:
         assert part in err
+
+
+# ------------------------------------------------------------------ fine-tuning from released weights
+@pytest.fixture(scope="module")
+def digits_base(tmp_path_factory) -> Path:
+    """A digits-shaped model (the default experiment's networks, random UNet) saved as an export folder:
+    what `python train.py` leaves in runs/digits/export, without the minutes of training."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ldm.training.resolvers import register_resolvers
+    from tests.tiny import randomize_
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train")
+    torch.manual_seed(0)
+    system = instantiate(cfg.model)
+    randomize_(system.unet, seed=5)
+    return system.to_pipeline(use_ema=False).save(tmp_path_factory.mktemp("digits_base") / "export")
+
+
+DIGITS_LORA = [
+    "experiment=digits_lora", "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=2",
+    "callbacks.sample_grid.steps=2", "callbacks.sample_grid.n_per_prompt=1", "model.optimizer.lr=0.05",
+    *TINY_STEPS,
+]  # fmt: skip
+
+
+@pytest.mark.slow  # ~15 s; adapter-only training through a real Trainer is in tests/test_lora.py (fast)
+def test_digits_lora(shards, digits_base, tmp_path):
+    """Adapters only: small checkpoints without the base, an export in both LoRA layouts that loads onto
+    the base, and the run folder itself loading as base + adapters."""
+    run = tmp_path / "digits_lora"
+    proc = run_train(run, *DIGITS_LORA, f"model.init_from={digits_base}", f"paths.data_dir={shards.parent}")
+    assert_quiet(proc)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in ckpt["state_dict"])
+    assert ckpt["lora"]["init_from"] == str(digits_base.resolve()) and ckpt["lora"]["rank"] == 8
+    export = run / "export"
+    assert {p.name for p in export.iterdir()} == {
+        "lora.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "lora.json",
+    }
+    args = dict(prompt="a photo of sks digit", steps=3, seed=0, output="tensor")
+    base = ldm.load_pipeline(digits_base)
+    plain = base(**args)
+    tuned = base.load_lora(export / "lora.safetensors")(**args)
+    assert (tuned - plain).abs().max() > 1e-3  # the adapters were trained
+    assert torch.equal(ldm.load_pipeline(run)(**args), tuned)  # the run: base + its adapters
+    assert torch.equal(ldm.load_pipeline(digits_base).load_lora(export)(**args), tuned)  # the diffusers file
+
+
+@pytest.mark.slow
+def test_digits_lora_resumes_on_the_same_base_only(shards, digits_base, tmp_path):
+    run = tmp_path / "digits_lora"
+    common = [*DIGITS_LORA, f"paths.data_dir={shards.parent}"]
+    run_train(run, *common, f"model.init_from={digits_base}")
+    proc = run_train(run, *common, f"model.init_from={digits_base}", "trainer.max_steps=4", "resume=auto")
+    assert "resuming from" in proc.stdout and (run / "checkpoints" / "step0000004.ckpt").is_file()
+    other = tmp_path / "other_base"  # a different base under the same adapters: refused, not silently used
+    pipe = ldm.load_pipeline(digits_base)
+    with torch.no_grad():
+        pipe.unet.out[-1].weight.add_(0.01)
+    pipe.save(other)
+    with pytest.raises(AssertionError, match="other base weights"):
+        run_train(run, *common, f"model.init_from={other}", "trainer.max_steps=6", "resume=auto")
+
+
+def sd_finetune_overrides(experiment: str, sd_folder: Path, images: Path) -> list[str]:
+    """A released-weights recipe on the tiny SD-shaped diffusers folder (its UNet's shape: tests/tiny.py
+    UNET_KW) and a folder of 64 px digit images."""
+    return [
+        f"experiment={experiment}", f"model.init_from={sd_folder}", "model/unet=tiny",
+        "model.unet.channel_mult=[1,2,2,2]", "model.unet.attention_resolutions=[4,2,1]",
+        "model.unet.num_res_blocks=2", "model.unet.num_heads=8",
+        f"model.conditioner.version={sd_folder}", "model.conditioner.subfolder=text_encoder",
+        "model.conditioner.config=null", f"data.root={images}", "data.resolution=64", "model.sample_size=8",
+        "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.25", "trainer.accelerator=cpu",
+        "trainer.devices=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.sample_grid.steps=2", *TINY_STEPS,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digit_images(tmp_path_factory) -> Path:
+    from ldm.data.digit_instance import prepare_digit_folder
+
+    return prepare_digit_folder(tmp_path_factory.mktemp("images"), digit=7, resolution=64)
+
+
+@pytest.mark.slow
+def test_lora_sd15_export_loads_in_diffusers(tiny_sd_folder, digit_images, tmp_path):
+    """A LoRA trained by the recipe, exported in both layouts, gives diffusers' StableDiffusionPipeline
+    (load_lora_weights) the images our Pipeline.load_lora gives."""
+    diffusers = pytest.importorskip("diffusers")
+    run = tmp_path / "lora_sd15"
+    proc = run_train(
+        run, *sd_finetune_overrides("lora_sd15", tiny_sd_folder, digit_images), "model.optimizer.lr=0.05"
+    )
+    assert_quiet(proc)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    prompt = "a photo of the digit seven"
+    plain = ldm.load_pipeline(tiny_sd_folder)(
+        prompt, steps=3, sampler="ddim", latents=latents, output="tensor"
+    )
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        ours = ldm.load_pipeline(tiny_sd_folder).load_lora(run / "export" / name)
+        got = ours(prompt, steps=3, sampler="ddim", latents=latents, output="tensor")
+        theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+            tiny_sd_folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+        theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
+        theirs.set_progress_bar_config(disable=True)
+        theirs.load_lora_weights(str(run / "export" / name))
+        expected = theirs(prompt, latents=latents, num_inference_steps=3, guidance_scale=7.5, height=64,
+                          width=64, output_type="pt").images  # fmt: skip
+        assert (got - expected).abs().max().item() < 1e-3
+        assert (got - plain).abs().max().item() > 1e-4  # the trained adapters change the images
+
+
+@pytest.mark.slow
+def test_finetune_sd15_exports_every_format(tiny_sd_folder, digit_images, tmp_path):
+    run = tmp_path / "finetune_sd15"
+    proc = run_train(run, *sd_finetune_overrides("finetune_sd15", tiny_sd_folder, digit_images))
+    assert_quiet(proc)
+    export = run / "export"
+    args = dict(prompt="a photo of the digit seven", steps=2, seed=0, sampler="euler", output="tensor")
+    ours = ldm.load_pipeline(export)(**args)
+    for other in (export / "model_single_file.safetensors", export / "diffusers"):
+        assert torch.equal(ldm.load_pipeline(other)(**args), ours)
+    assert not torch.equal(ldm.load_pipeline(tiny_sd_folder)(**args), ours)  # fine-tuned

@@ -128,6 +128,19 @@ COMMANDS: dict[str, Run | Skip] = {
         ["runs/my_shards/export/ldm_pipeline.json"],
     ),
     "python benchmarks/data_loading.py": Skip("a benchmark that takes minutes; benchmarks/ are run by hand"),
+    # LoRA on the reproduce block's model (the experiment itself also runs fast in tests/test_experiments.py).
+    "python train.py experiment=digits_lora model.init_from=runs/digits/export "
+    "hydra.run.dir=runs/digits_lora": Run(
+        "lora", TRAIN, ["runs/digits_lora/export/lora.safetensors"], slow=True
+    ),
+    "python sample.py ckpt=runs/digits/export lora=runs/digits_lora/export/lora.safetensors lora_scale=0.8 "
+    'prompt="a photo of sks digit" n=8 guidance_scale=3 out_dir=samples/sks': Run(
+        "lora", "n=1 steps=2", ["samples/sks/00000.png"], slow=True
+    ),
+    f"python train.py experiment=lora_sd15 model.init_from={SD15} model.conditioner.version={CLIP_L} "
+    "data.root=/data/my_photos": Skip("needs the released SD1.5 weights and a GPU"),
+    f"python train.py experiment=finetune_sd15 model.init_from={SD15} model.conditioner.version={CLIP_L} "
+    "data.root=/data/my_photos": Skip("needs the released SD1.5 weights and a GPU"),
     # Sampling, on the reproduce block's run.
     'python sample.py ckpt=runs/digits prompt="a photo of the digit three" n=4 sampler=euler_a steps=30 '
     "guidance_scale=7.5 seed=0": Run("digits", "n=1 steps=2", ["outputs/samples"]),
@@ -241,6 +254,27 @@ def chain_setup(chain: str, folder: Path) -> None:
             digit_image(data.images[i], 32).save(folder / "my_images" / f"{i:03d}.png")
             caption = f"a photo of the digit {words[data.target[i]]}"
             (folder / "my_images" / f"{i:03d}.txt").write_text(caption)
+    if (
+        chain == "lora"
+    ):  # the reproduce block's runs/digits/export, built (its training is the digits chain's)
+        subprocess.run(
+            [sys.executable, "-c", "from tests.test_readme_commands import digits_export as d; import sys; "
+             "d(sys.argv[1])", str(folder / "runs/digits/export")],
+            cwd=REPO, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+
+
+def digits_export(path: str) -> None:
+    """The default experiment's model (untrained) exported to `path`, as `python train.py` leaves it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ldm.training.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train")
+    instantiate(cfg.model).to_pipeline().save(path)
 
 
 class Chains:

@@ -53,6 +53,10 @@ class LatentDiffusionSystem(pl.LightningModule):
         seed: int = 0,
         prior_loss_weight: float = 1.0,
         sampling: dict | None = None,
+        trainable: str | None = None,
+        text_encoder_lr: float | None = None,
+        lora: dict | None = None,
+        export_formats: list | None = None,
     ):
         super().__init__()
         if prior_loss_weight < 0:
@@ -94,16 +98,63 @@ class LatentDiffusionSystem(pl.LightningModule):
             self.unet.set_gradient_checkpointing(True)
         if init_from:
             self.load_weights_from(init_from, use_ema=init_from_ema)
+        self._set_trainable(trainable, lora, text_encoder_lr, init_from, init_from_ema, ema, export_formats)
         self.ema = EMA(self.unet, **ema) if ema else None
         # Compiled forward kept outside the module tree, so state-dict keys stay the original ones.
         object.__setattr__(self, "_unet_forward", torch.compile(self.unet) if compile else self.unet)
 
     # ------------------------------------------------------------------ frozen parts
+    def _set_trainable(
+        self, trainable: str | None, lora: dict | None, text_encoder_lr: float | None, init_from: str | None,
+        init_from_ema: bool, ema: dict | None, export_formats: list | None,
+    ) -> None:  # fmt: skip
+        """The trainable-parameter policy (ldm/adapters/policy.py): full UNet, UNet + text encoder (own LR),
+        or LoRA adapters only; everything else frozen."""
+        from ldm.adapters.policy import LoraSettings, apply_trainable, frozen_checksum, resolve_trainable
+
+        self.trainable = resolve_trainable(trainable, lora)
+        self.text_encoder_lr = text_encoder_lr
+        self.lora = LoraSettings.from_config(lora) if lora else None
+        self.export_formats = list(export_formats or ["ldm"])
+        unknown = sorted(set(self.export_formats) - {"ldm", "single_file", "diffusers"})
+        if unknown:
+            raise ValueError(f"model.export_formats: unknown {unknown}; use ldm, single_file, diffusers")
+        if self.trainable == "lora":
+            # The checkpoint keeps only the adapters: the base must come back from init_from on resume.
+            if not init_from:
+                raise ValueError("model.lora needs model.init_from: the released weights the adapters adapt")
+            if ema:
+                raise ValueError("model.ema is not supported with model.lora: set model.ema=null")
+            self.init_from_path = str(Path(init_from).resolve())
+            self.init_from_ema = init_from_ema
+            self.strict_loading = False  # the checkpoint's state dict holds the adapters only
+        apply_trainable(self.trainable, self.unet, self.text_model, self.lora)
+        if text_encoder_lr is not None and not self.trains_text_encoder:
+            raise ValueError(
+                f"model.text_encoder_lr is set but the text encoder is frozen (model.trainable="
+                f"{self.trainable}; train it with unet+text_encoder or model.lora.text_encoder_targets)"
+            )
+        if self.trainable == "lora":
+            self.base_checksum = frozen_checksum(self.unet, self.conditioner, self.autoencoder)
+
+    @property
+    def text_model(self) -> nn.Module | None:
+        """The conditioner's CLIP text model (None for a class conditioner)."""
+        return getattr(self.conditioner, "transformer", None)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        from ldm.adapters.lora import has_lora
+
+        return self.trainable == "unet+text_encoder" or has_lora(self.text_model)
+
     def train(self, mode: bool = True) -> LatentDiffusionSystem:
-        """Only the UNet trains; the autoencoder and conditioner stay in eval (no dropout, frozen norms)."""
+        """Only the UNet trains; the autoencoder and conditioner stay in eval (no dropout, frozen norms),
+        unless the text encoder is trained too (model.trainable)."""
         super().train(mode)
         self.autoencoder.eval()
-        self.conditioner.eval()
+        if not self.trains_text_encoder:
+            self.conditioner.eval()
         return self
 
     def load_weights_from(self, path: str, use_ema: bool = False) -> None:
@@ -168,6 +219,11 @@ class LatentDiffusionSystem(pl.LightningModule):
         """Cross-attention context; with `drop`, each sample's condition becomes the unconditional one with
         probability ucg_rate (caption "" / the null class), which classifier-free guidance needs."""
         if "context" in batch:  # cached contexts, with the empty caption's for dropout
+            if self.trains_text_encoder:
+                raise ValueError(
+                    f"data.cache_latents=true stores fixed text embeddings: model.trainable={self.trainable} "
+                    "trains the text encoder; turn one of them off"
+                )
             context = batch["context"].to(self.device)
             if drop and self.ucg_rate > 0:
                 keep = (
@@ -178,7 +234,7 @@ class LatentDiffusionSystem(pl.LightningModule):
             return context
         cond = batch[self.cond_key]
         n = len(cond)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text_encoder):
             if drop and self.ucg_rate > 0:
                 keep = torch.rand(n, generator=generator, device=self.device).cpu() >= self.ucg_rate
                 if isinstance(cond, Tensor):
@@ -244,7 +300,9 @@ class LatentDiffusionSystem(pl.LightningModule):
         self.log("val/loss", loss.mean(), prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        from ldm.adapters.policy import param_groups
+
+        params = param_groups(self.trainable, self.unet, self.text_model, self.text_encoder_lr)
         factory = self.optimizer_factory
         fusable = getattr(factory, "func", None) in (torch.optim.AdamW, torch.optim.Adam)
         if fusable and "fused" not in factory.keywords and self.device.type == "cuda":
@@ -262,25 +320,59 @@ class LatentDiffusionSystem(pl.LightningModule):
         checkpoint["prediction_type"] = self.prediction_type
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.trainable == "lora":
+            # Adapters only (a few MB): the frozen base is init_from's, verified by checksum on resume.
+            from ldm.adapters.policy import is_adapter_key
+
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)
+            }
+            checkpoint["lora"] = dict(
+                self.lora.to_dict(),
+                init_from=self.init_from_path,
+                init_from_ema=self.init_from_ema,
+                base_checksum=self.base_checksum,
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        if self.trainable == "lora":
+            self._check_lora_checkpoint(checkpoint)
+
+    def _check_lora_checkpoint(self, checkpoint: dict) -> None:
+        """The checkpoint must hold exactly this run's adapters, on the same base weights."""
+        from ldm.adapters.policy import is_adapter_key
+
+        info = checkpoint.get("lora")
+        if info is None:
+            raise ValueError("this checkpoint is not from a LoRA run (model.lora): it cannot resume one")
+        expected = {k for k in self.state_dict() if is_adapter_key(k)}
+        got = set(checkpoint["state_dict"])
+        if expected != got:
+            diff = sorted(expected ^ got)[:6]
+            raise ValueError(f"LoRA checkpoint does not fit model.lora ({info}): differing keys {diff}")
+        if abs(info["base_checksum"] - self.base_checksum) > 1e-6 * max(1.0, abs(self.base_checksum)):
+            raise ValueError(
+                f"model.init_from={self.init_from_path} gives other base weights than the run was trained "
+                f"on ({info['init_from']}): the LoRA checkpoint holds only the adapters"
+            )
 
     # ------------------------------------------------------------------ sampling and export
     def to_pipeline(self, use_ema: bool = True):
         """A sampling Pipeline sharing this system's modules (EMA weights copied in when asked)."""
         import copy
 
+        from ldm.adapters.lora import merged_copy, remove_lora
         from ldm.pipeline import Pipeline
 
-        unet = copy.deepcopy(self.unet)
+        unet = remove_lora(copy.deepcopy(self.unet), merge=True)  # LoRA: merged in, original key names
         if use_ema and self.ema is not None:
             self.ema.copy_to(unet)
         return Pipeline(
             unet.eval(),
             self.autoencoder,
-            self.conditioner,
+            merged_copy(self.conditioner),
             self.schedule.to(device=self.device),
             self.prediction_type,
             sample_size=self.sample_size,
@@ -295,4 +387,15 @@ class LatentDiffusionSystem(pl.LightningModule):
             return None
         if datamodule is not None and hasattr(datamodule, "resolution"):
             self.sample_size = int(datamodule.resolution) // self.autoencoder.downsampling_factor
-        return self.to_pipeline().save(path, format="ldm")
+        if self.trainable == "lora":  # adapters only, in the kohya and diffusers/PEFT layouts
+            from ldm.checkpoints.lora_files import export_lora
+
+            info = dict(self.lora.to_dict(), base=self.init_from_path, base_ema=self.init_from_ema)
+            return export_lora(path, self.unet, self.text_model, info)
+        pipe = self.to_pipeline()
+        out = pipe.save(path, format="ldm")
+        if "single_file" in self.export_formats:  # A1111 / ComfyUI / from_single_file
+            pipe.save(Path(path) / "model_single_file.safetensors", format="single_file")
+        if "diffusers" in self.export_formats:  # StableDiffusionPipeline.from_pretrained
+            pipe.save(Path(path) / "diffusers", format="diffusers")
+        return out
