@@ -133,9 +133,8 @@ def main(argv=None) -> dict:
     print("| trainer | s/step | images/s |")
     print("|---|---|---|")
     for k, s in med.items():
-        print(
-            f"| {k}{' (cached latents)' if k == 'ours' and args.cached else ''} | {s:.3f} | {args.batch / s:.1f} |"
-        )
+        label = f"{k} (cached latents)" if k == "ours" and args.cached else k
+        print(f"| {label} | {s:.3f} | {args.batch / s:.1f} |")
     ratio = med["ours"] / med["diffusers"]
     print(f"\nours/diffusers time per step: {ratio:.2f}; peak RSS of the process (both): {rss_gib:.2f} GiB")
     result = {
