@@ -22,7 +22,8 @@ def copies(fn) -> Counter:
     """aten::copy_ calls during fn, by the op that made them."""
     with profile() as prof:
         fn()
-    return Counter(e.cpu_parent.name if e.cpu_parent else None for e in prof.events() if e.name == "aten::copy_")
+    made = [e for e in prof.events() if e.name == "aten::copy_"]
+    return Counter(e.cpu_parent.name if e.cpu_parent else None for e in made)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
