@@ -181,22 +181,38 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
         x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, HW, C): one token per pixel
-        if self.use_linear:
-            x = self.proj_in(x)
+        b = x.shape[0]
+        # (B, C, H, W) -> (B, HW, C) as a view, one token per pixel: no copy in either memory format.
+        tokens = self.norm(x).flatten(2).mT
+        # proj_in as a batched matrix product on the token view (a 1x1 convolution is one): BLAS reads the
+        # transposed view in place and writes (B, HW, inner) contiguous, the layout LayerNorm and the
+        # attention projections want. A 1x1 convolution followed by permute/reshape (the reference) copies
+        # every feature map once on the way in and once on the way out of each block; F.linear/matmul on
+        # the view copies too (matmul folds a non-contiguous input into a matrix when the weight needs a
+        # gradient), bmm does not.
+        x = _add_bias(torch.bmm(tokens, _matrix(self.proj_in.weight).mT.expand(b, -1, -1)), self.proj_in.bias)
         for block in self.transformer_blocks:
             x = block(x, context)
-        if self.use_linear:
-            x = self.proj_out(x)
-        # contiguous(): the reshape alone is a channels-last view, which makes proj_out's weight gradient
-        # channels-last too, unlike its weight, so DDP's gradient buckets copy it every step ("Grad strides
-        # do not match bucket view strides", torch/csrc/distributed/c10d/reducer.cpp).
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        w_out = _matrix(self.proj_out.weight)
+        if x_in.is_contiguous() or not x_in.is_contiguous(memory_format=torch.channels_last):
+            # Channels-first: W @ tokens^T writes (B, C, HW) contiguous, so the output, its gradient and
+            # proj_out's weight gradient keep the standard strides (DDP's gradient buckets copy
+            # mismatched strides every step: torch/csrc/distributed/c10d/reducer.cpp).
+            out = _add_bias(torch.bmm(w_out.expand(b, -1, -1), x.mT), self.proj_out.bias, dim=1)
+        else:
+            # Channels-last input: a contiguous (B, HW, C) is its (B, C, H, W) view already.
+            out = _add_bias(torch.bmm(x, w_out.mT.expand(b, -1, -1)), self.proj_out.bias).mT
+        return out.unflatten(2, x_in.shape[2:]) + x_in
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight, or a 1x1 Conv2d weight (out, in, 1, 1) viewed as the (out, in) matrix it is."""
+    return weight.flatten(1) if weight.ndim == 4 else weight
+
+
+def _add_bias(x: torch.Tensor, bias: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """`x` plus `bias` along `dim`, in place on the fresh product (bmm does not keep its output)."""
+    if bias is None:
+        return x
+    return x.add_(bias[:, None] if dim == 1 else bias)

@@ -316,7 +316,16 @@ class TextConditioner(nn.Module):
     def forward(self, text: Sequence[str] | str | torch.Tensor) -> torch.Tensor:
         """Context (B, max_length, output_dim) for captions or already-tokenized ids (B, L)."""
         input_ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        input_ids = input_ids.to(self.device, torch.long)
+        if input_ids.device.type == "cpu" and len(input_ids) > 1:
+            # Repeated captions (a digits batch has 10, caption dropout adds ""): each distinct one once,
+            # rows are independent in CLIP (causal mask only). Found on the CPU, before the ids move to
+            # the device, so no host-device sync.
+            unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            if len(unique) < len(input_ids):
+                return self._encode(unique.to(self.device, torch.long))[inverse.to(self.device)]
+        return self._encode(input_ids.to(self.device, torch.long))
+
+    def _encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         n_blocks = self.transformer.config.num_hidden_layers
         if self.hidden_index == n_blocks:
             # last block: transformers already applied final_layer_norm.

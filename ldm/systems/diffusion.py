@@ -234,15 +234,15 @@ class LatentDiffusionSystem(pl.LightningModule):
             return context
         cond = batch[self.cond_key]
         n = len(cond)
+        cond = cond.to(self.device) if isinstance(cond, Tensor) else list(cond)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text_encoder):
+            context = self.conditioner(cond)
             if drop and self.ucg_rate > 0:
-                keep = torch.rand(n, generator=generator, device=self.device).cpu() >= self.ucg_rate
-                if isinstance(cond, Tensor):
-                    null = self.conditioner.unconditional(n)  # context of the null condition
-                    context = self.conditioner(cond.to(self.device))
-                    return torch.where(keep.to(self.device)[:, None, None], context, null.to(context))
-                cond = [c if k else "" for c, k in zip(cond, keep.tolist())]
-            return self.conditioner(cond if isinstance(cond, list) else cond.to(self.device))
+                # Chosen on the device and blended there: no host-device sync in the training step.
+                keep = torch.rand(n, generator=generator, device=self.device) >= self.ucg_rate
+                null = self.conditioner.unconditional(n)  # context of the null condition ("" / null class)
+                return torch.where(keep[:, None, None], context, null.to(context))
+            return context
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -4,6 +4,7 @@ console summary of the samples the data pipeline skipped."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,13 +101,22 @@ class SampleGrid(EveryNSteps):
 
 
 class Throughput(pl.Callback):
-    """Logs train/images_per_sec (all ranks, between log steps) and train/samples_seen."""
+    """Logs train/images_per_sec (all ranks, between log steps) and train/samples_seen; with `flops`, also
+    train/tflops_per_sec (the UNet's forward + backward FLOPs per batch, counted once on the meta device
+    by Lightning's `measure_flops` at the first batch's shape, times batches per second) and train/mfu, that
+    rate over the device's peak (`peak_flops`, or Lightning's table of CUDA devices for the trainer's
+    precision; no MFU where neither gives one, e.g. on a CPU). The VAE encoder and the text encoder are
+    frozen, so their FLOPs are not counted (model FLOPs utilization, Chowdhery et al. 2022, PaLM App. B)."""
 
-    def __init__(self, batch_key: str = "image"):
+    def __init__(self, batch_key: str = "image", flops: bool = True, peak_flops: float | None = None):
         self.batch_key = batch_key
         self.samples_seen = 0
         self._t0: float | None = None
         self._since = 0
+        self._batches = 0
+        self.flops = flops
+        self.peak_flops = peak_flops
+        self.flops_per_batch: int | None = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
@@ -116,20 +126,59 @@ class Throughput(pl.Callback):
         n = len(batch[key]) * trainer.world_size
         self.samples_seen += n
         self._since += n
+        self._batches += 1
         now = time.perf_counter()
         if self._t0 is None:  # the first batch includes start-up: start timing after it
-            self._t0, self._since = now, 0
+            self._t0, self._since, self._batches = now, 0, 0
+            if self.flops:
+                try:
+                    self.flops_per_batch = unet_flops_per_batch(pl_module, len(batch[self.batch_key]))
+                except Exception as e:  # a metric must not stop training: say why it is missing
+                    msg = f"callbacks.throughput: no FLOPs/MFU logged, counting failed: {e!r}"
+                    warnings.warn(msg, stacklevel=2)
+                    self.flops = False
+                if self.peak_flops is None and self.flops_per_batch:
+                    from lightning_fabric.utilities.throughput import get_available_flops
+
+                    self.peak_flops = get_available_flops(pl_module.device, trainer.precision)
             return
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and now > self._t0:
-            pl_module.log("train/images_per_sec", self._since / (now - self._t0), batch_size=1)
+            dt = now - self._t0
+            pl_module.log("train/images_per_sec", self._since / dt, batch_size=1)
             pl_module.log("train/samples_seen", float(self.samples_seen), batch_size=1)
-            self._t0, self._since = now, 0
+            if self.flops_per_batch:
+                rate = self.flops_per_batch * self._batches / dt  # this rank's FLOP/s
+                pl_module.log("train/tflops_per_sec", rate / 1e12, batch_size=1)
+                if self.peak_flops:
+                    pl_module.log("train/mfu", rate / self.peak_flops, batch_size=1)
+            self._t0, self._since, self._batches = now, 0, 0
 
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_seen = int(state.get("samples_seen", 0))
+
+
+def unet_flops_per_batch(pl_module: Any, batch_size: int) -> int | None:
+    """Forward + backward FLOPs of the module's UNet on one batch of latents, counted on the meta device
+    (no memory, no time); None for a module without a rebuildable UNet (e.g. the autoencoder system)."""
+    unet = getattr(pl_module, "unet", None)
+    side = getattr(pl_module, "sample_size", None)
+    if unet is None or not hasattr(unet, "config") or side is None:
+        return None
+    from lightning_fabric.utilities.throughput import measure_flops
+
+    from ldm.nn.unet import UNetModel
+
+    tokens = getattr(getattr(pl_module, "conditioner", None), "max_length", 1)
+    with torch.device("meta"):
+        meta = UNetModel(**unet.config)
+        x = torch.empty(batch_size, unet.in_channels, side, side)
+        t = torch.zeros(batch_size)
+        ctx = None if unet.context_dim is None else torch.empty(batch_size, tokens, unet.context_dim)
+        y = None if unet.num_classes is None else torch.zeros(batch_size, dtype=torch.long)
+        return measure_flops(meta, lambda: meta(x, t, ctx, y), lambda out: out.sum())
 
 
 def _sum_over_ranks(trainer: pl.Trainer, counts: Counter[str]) -> Counter[str]:

@@ -1,0 +1,155 @@
+"""Helpers shared by the benchmark scripts: machine load, threads, timing, and our UNet next to diffusers'.
+
+Every script imports `ldm` from this checkout (the repository root goes first on sys.path) and reports the
+1-minute load average before and after its measurements: on a machine where other processes compete for the
+cores, a ratio ours/theirs is not a result (`warn_if_busy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+BUSY_LOAD = 0.5
+
+# SD-shaped UNets of several sizes (our constructor arguments). SD1.5 is configs/model/unet/sd15.yaml.
+UNET_SIZES = {
+    # 3 levels, attention on the first two: seconds per step on a CPU.
+    "tiny": dict(
+        model_channels=32, channel_mult=[1, 2, 2], attention_resolutions=[1, 2], num_res_blocks=1,
+        num_heads=8, context_dim=32,
+    ),
+    # The full SD1 layout (4 levels, 2 res blocks, attention at factors 4, 2, 1, 8 heads), 1/5 the width.
+    "small": dict(
+        model_channels=64, channel_mult=[1, 2, 4, 4], attention_resolutions=[4, 2, 1], num_res_blocks=2,
+        num_heads=8, context_dim=128,
+    ),
+    "sd15": dict(
+        model_channels=320, channel_mult=[1, 2, 4, 4], attention_resolutions=[4, 2, 1], num_res_blocks=2,
+        num_heads=8, context_dim=768,
+    ),
+}  # fmt: skip
+
+
+def load() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def threads(n: int | None) -> int:
+    """Set torch's intra-op threads (all cores when None) and return the number in use."""
+    torch.set_num_threads(n or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
+def header(name: str, n_threads: int) -> float:
+    """Print the conditions of the run; returns the load average before."""
+    before = load()
+    print(
+        f"{name}: torch {torch.__version__}, {n_threads} thread(s) of {len(os.sched_getaffinity(0))} cores, "
+        f"load average (1 min) before: {before:.2f}"
+    )
+    warn_if_busy(before)
+    return before
+
+
+def warn_if_busy(value: float) -> None:
+    if value > BUSY_LOAD:
+        print(
+            f"WARNING: load average {value:.2f} > {BUSY_LOAD}: other processes compete for the CPU; "
+            "re-run on an idle machine before reading the ratios as results"
+        )
+
+
+def footer(before: float) -> dict:
+    after = load()
+    print(f"load average (1 min) after: {after:.2f}")
+    warn_if_busy(after)
+    return {"load_before": before, "load_after": after, "idle": max(before, after) <= BUSY_LOAD}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved (a, b, b, a, a, b, ...) so that drift in the machine's
+    load hits all of them alike; `warmup` untimed calls each first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else reversed(names):
+            times[n].append(timed(fns[n]))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def our_unet(kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    """Our UNetModel with random weights everywhere (zero-initialized layers too: same work either way)."""
+    from ldm.nn.unet import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(in_channels=4, out_channels=4, **kwargs)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.02)
+    return unet
+
+
+def diffusers_unet_like(ours: torch.nn.Module, sample_size: int) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel with the same architecture and the same weights as our SD1-style
+    UNet: our state dict, under the original checkpoint's `model.diffusion_model.` prefix, goes through
+    diffusers' own single-file converter (as tests/test_nn_parity.py does)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    c = ours.config
+    if c["num_head_channels"] != -1:
+        raise ValueError("diffusers_unet_like: only head-count UNets (SD1: num_head_channels=-1)")
+    attn = set(c["attention_resolutions"])
+    levels = len(c["channel_mult"])
+    has_attn = [2**i in attn for i in range(levels)]
+    theirs = diffusers.UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        block_out_channels=tuple(c["model_channels"] * m for m in c["channel_mult"]),
+        layers_per_block=c["num_res_blocks"],
+        cross_attention_dim=c["context_dim"],
+        attention_head_dim=c["num_heads"],
+        transformer_layers_per_block=c["transformer_depth"],
+        use_linear_projection=c["use_linear_in_transformer"],
+        upcast_attention=c["upcast_attention"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
+    )
+    original = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(original, theirs.config), strict=True)
+    return theirs
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")

@@ -1,0 +1,120 @@
+"""Text-to-image end to end: our Pipeline against diffusers' StableDiffusionPipeline on the same folder.
+
+    python benchmarks/sampling.py [--sizes tiny small] [--steps 20] [--batch 2] [--px N] [--repeats 3]
+                                  [--threads N] [--json out.json]
+
+A tiny (tests/tiny.py UNET_KW) or small SD-shaped model (benchmarks/bench_utils.py `small`, its context
+width set to the tiny CLIP text encoder's) with random weights is saved as a diffusers folder in a
+temporary directory; `ldm.load_pipeline` and `StableDiffusionPipeline.from_pretrained` load the same
+folder. Each call: prompt and negative prompt encoded, DPM-Solver++(2M) (diffusers'
+DPMSolverMultistepScheduler / our `dpmpp_2m`) for `--steps` steps with classifier-free guidance 7.5 on
+the same initial latents, VAE decode, images as tensors. The two pipelines take turns after one warm-up
+call each; the table gives medians and the largest pixel difference between their images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import bench_utils as bu
+import torch
+
+DEFAULT_PX = {"tiny": 64, "small": 256}
+
+
+def save_folder(path: Path, size: str) -> Path:
+    from ldm.checkpoints import save_diffusers_folder
+    from ldm.nn.autoencoder import AutoencoderKL
+    from ldm.nn.unet import UNetModel
+    from tests.tiny import SCHEDULER, UNET_KW, VAE_KW, randomize_, text_conditioner, text_state
+
+    cond = text_conditioner()
+    unet_kw = dict(UNET_KW) if size == "tiny" else dict(bu.UNET_SIZES[size])
+    unet_kw["context_dim"] = cond.transformer.config.hidden_size
+    unet = randomize_(UNetModel(**unet_kw), seed=11)
+    with torch.no_grad():
+        unet.out[-1].weight.mul_(0.05)  # keeps a random network's sampling chain well-conditioned
+    vae = randomize_(AutoencoderKL(**VAE_KW), seed=12)
+    save_diffusers_folder(
+        path, unet=unet.state_dict(), unet_kwargs=unet_kw, vae=vae.state_dict(), vae_kwargs=VAE_KW,
+        text_encoder=text_state(cond), text_encoder_config=cond.transformer.config, tokenizer=cond.tokenizer,
+        scheduler_config=SCHEDULER, sample_size=8,
+    )  # fmt: skip
+    return path
+
+
+def run(size: str, args, tmp: Path) -> dict:
+    import diffusers
+
+    import ldm
+
+    folder = save_folder(tmp / size, size)
+    px = args.px or DEFAULT_PX[size]
+    ours = ldm.load_pipeline(folder)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn(args.batch, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(5))
+    prompt, negative = "a photo of the digit seven", "blurry"
+    common = dict(height=px, width=px)
+    fns = {
+        "ours": lambda: ours(
+            prompt, negative_prompt=negative, num_images_per_prompt=args.batch, steps=args.steps,
+            guidance_scale=7.5, sampler="dpmpp_2m", latents=latents, output="tensor", **common,
+        ),
+        "diffusers": lambda: theirs(
+            [prompt] * args.batch, negative_prompt=[negative] * args.batch, num_inference_steps=args.steps,
+            guidance_scale=7.5, latents=latents, output_type="pt", **common,
+        ).images,
+    }  # fmt: skip
+    with torch.no_grad():
+        diff = (fns["ours"]() - fns["diffusers"]()).abs().max().item()
+        times = bu.alternate(fns, args.repeats, warmup=0)
+    med = {k: bu.median(v) for k, v in times.items()}
+    row = {
+        "size": size, "px": px, "batch": args.batch, "steps": args.steps, "ours_s": med["ours"],
+        "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"], "times": times,
+        "max_pixel_diff": diff, "load_after": bu.load(),
+    }  # fmt: skip
+    print(
+        f"| {size} | {px} | {args.batch} | {args.steps} | {med['ours']:.2f} | {med['diffusers']:.2f} | "
+        f"{row['ratio']:.2f} | {diff:.1e} | {row['load_after']:.2f} |",
+        flush=True,
+    )
+    return row
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(DEFAULT_PX))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--px", type=int, default=None, help="image side for every size (default per size)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    n = bu.threads(args.threads)
+    before = bu.header("sampling", n)
+    print("DPM-Solver++(2M), CFG 7.5, same initial latents (median of repeats)\n")
+    print("| size | px | images | steps | ours s | diffusers s | ours/diffusers | max pixel diff | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run(size, args, Path(tmp)) for size in args.sizes]
+    result = {
+        "benchmark": "sampling",
+        "threads": n,
+        "args": vars(args) | {"json": str(args.json)},
+        "rows": rows,
+    }
+    result |= bu.footer(before)
+    bu.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Images/s of a whole training step: our LatentDiffusionSystem against the loop of diffusers'
+examples/text_to_image/train_text_to_image.py, same model, same data, same batch.
+
+    python benchmarks/train_throughput.py [--size small] [--batch 4] [--px 64] [--repeats 5]
+                                          [--threads N] [--cached] [--json out.json]
+
+The model (benchmarks/sampling.py `save_folder`: an SD-shaped UNet, the tiny test VAE with f=8 and the
+tiny CLIP text encoder, random weights) is saved once as a diffusers folder; ours loads it with
+`ldm.load_pipeline` into a LatentDiffusionSystem (eps-prediction, uniform timesteps, unweighted MSE, no
+EMA, caption dropout 0.1, AdamW lr 1e-5), diffusers' side loads the same folder into UNet2DConditionModel /
+AutoencoderKL / CLIPTextModel. One step, both sides: encode the batch of 64 px images with the VAE and
+sample the posterior, encode the captions, noise at uniform timesteps, UNet, MSE, backward, AdamW step,
+zero_grad. diffusers' script tokenizes captions in its data loader; ours tokenizes inside the step (counted).
+The two take turns after one warm-up step each; medians, and peak memory (ru_maxrss of the process, so it
+only grows: the row order matters; on CUDA torch.cuda.max_memory_allocated per side).
+
+`--cached`: our step from latents stored by the latent cache (ldm/data/latent_cache.py, built by another
+branch) instead of images, next to the same uncached diffusers loop; see `cached_batch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import warnings
+from pathlib import Path
+
+import bench_utils as bu
+import torch
+import torch.nn.functional as F
+
+CAPTIONS = [f"a photo of the digit {w}" for w in
+            ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]  # fmt: skip
+
+
+def ours_step(folder: Path, batch: dict, cached: bool):
+    import ldm
+    from ldm.diffusion.loss import DiffusionLoss
+    from ldm.systems.diffusion import LatentDiffusionSystem
+
+    pipe = ldm.load_pipeline(folder)
+    system = LatentDiffusionSystem(
+        unet=pipe.unet, autoencoder=pipe.vae, conditioner=pipe.conditioner, schedule=pipe.schedule,
+        loss=DiffusionLoss, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5), ucg_rate=0.1,
+    )  # fmt: skip
+    system.train()
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here: logging is a no-op
+    opt = system.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    if cached:
+        batch = cached_batch(system, batch)
+
+    def step():
+        loss = system.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def cached_batch(system, batch: dict) -> dict:
+    """Hook for the latent cache (ldm/data/latent_cache.py, another branch): a batch that carries the
+    autoencoder's latents instead of images, so the step skips the VAE encoder. Until that module lands
+    this raises; once it does, build the cached batch with it here."""
+    try:
+        import ldm.data.latent_cache  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"--cached needs ldm/data/latent_cache.py (not in this checkout): {e}") from e
+    raise SystemExit("--cached: ldm.data.latent_cache exists now; wire its batch format into cached_batch()")
+
+
+def diffusers_step(folder: Path, batch: dict):
+    """The body of train_text_to_image.py's training loop (no accelerate, EMA, SNR weighting or offset
+    noise: the script's defaults), written out again."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").train()
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    ids = tokenizer(
+        batch["caption"], max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    pixels = batch["image"]
+
+    def step():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        context = text_encoder(ids, return_dict=False)[0]
+        pred = unet(noisy, t, context, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None) -> dict:
+    from sampling import save_folder
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--px", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--cached", action="store_true", help="ours from cached latents (needs the latent cache)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    n = bu.threads(args.threads)
+    before = bu.header("train_throughput", n)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(args.batch, 3, args.px, args.px, generator=g) * 2 - 1,
+        "caption": [CAPTIONS[i % 10] for i in range(args.batch)],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_folder(Path(tmp) / args.size, args.size)
+        steps = {"ours": ours_step(folder, batch, args.cached), "diffusers": diffusers_step(folder, batch)}
+        times = bu.alternate(steps, args.repeats)
+    med = {k: bu.median(v) for k, v in times.items()}
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\n{args.size} model, batch {args.batch} at {args.px} px, median of {args.repeats}\n")
+    print("| trainer | s/step | images/s |")
+    print("|---|---|---|")
+    for k, s in med.items():
+        label = f"{k} (cached latents)" if k == "ours" and args.cached else k
+        print(f"| {label} | {s:.3f} | {args.batch / s:.1f} |")
+    ratio = med["ours"] / med["diffusers"]
+    print(f"\nours/diffusers time per step: {ratio:.2f}; peak RSS of the process (both): {rss_gib:.2f} GiB")
+    result = {
+        "benchmark": "train_throughput", "threads": n, "args": vars(args) | {"json": str(args.json)},
+        "seconds_per_step": med, "images_per_s": {k: args.batch / s for k, s in med.items()},
+        "ratio": ratio, "times": times, "peak_rss_gib": rss_gib,
+    }  # fmt: skip
+    result |= bu.footer(before)
+    bu.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Smoke runs of the benchmark scripts as a shell runs them, at tiny sizes: each prints its table with the
+load average and writes its JSON (the full-size runs take minutes: README "Performance")."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny import REPO
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "unet_step": ["--sizes", "tiny", "--repeats", "1", "--threads", "1"],
+    "roofline": ["--size", "tiny", "--latent", "16", "--repeats", "1", "--matmul", "256", "--diffusers"],
+    "sampling": ["--sizes", "tiny", "--steps", "3", "--repeats", "1", "--threads", "1"],
+    "train_throughput": ["--size", "tiny", "--batch", "2", "--repeats", "1", "--threads", "1"],
+    "gpu": ["--dry", "--checks", "sdpa", "mfu"],
+}
+
+
+def run(name: str, tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, f"benchmarks/{name}.py", *RUNS[name], *extra, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "load average (1 min) before" in proc.stdout and "load average (1 min) after" in proc.stdout
+    return proc, json.loads(out.read_text())
+
+
+def test_unet_step(tmp_path):
+    _, res = run("unet_step", tmp_path)
+    (row,) = res["rows"]
+    assert row["size"] == "tiny" and row["mode"] == "train step"
+    assert row["output_rel_err"] < 1e-5  # the two networks hold the same weights
+    assert row["ours_s"] > 0 and row["ratio"] == pytest.approx(row["ours_s"] / row["diffusers_s"])
+
+
+def test_roofline(tmp_path):
+    proc, res = run("roofline", tmp_path)
+    assert res["flops"] > 0 and set(res["rows"]) == {"ours", "diffusers"}
+    assert "aten.convolution" in res["flops_by_op"]
+    assert 0 < res["rows"]["ours"]["fraction_of_peak"] < 2
+
+
+def test_sampling(tmp_path):
+    _, res = run("sampling", tmp_path)
+    (row,) = res["rows"]
+    assert row["max_pixel_diff"] < 1e-3  # the same images from both pipelines
+
+
+def test_train_throughput(tmp_path):
+    proc, res = run("train_throughput", tmp_path)
+    assert set(res["images_per_s"]) == {"ours", "diffusers"}
+    assert "| ours |" in proc.stdout and res["peak_rss_gib"] > 0
+
+
+def test_train_throughput_cached_hook_says_what_it_needs(tmp_path):
+    out = tmp_path / "c.json"
+    cmd = [
+        sys.executable,
+        "benchmarks/train_throughput.py",
+        *RUNS["train_throughput"],
+        "--cached",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "latent_cache" in proc.stderr
+
+
+def test_gpu_dry_run(tmp_path):
+    _, res = run("gpu", tmp_path)
+    assert res["dry"] and res["device"] == "cpu"
+    assert res["sdpa"]["torch.float32"]["fused"]
+    assert res["mfu"]["mfu"] > 0
