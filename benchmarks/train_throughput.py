@@ -14,8 +14,8 @@ zero_grad. diffusers' script tokenizes captions in its data loader; ours tokeniz
 The two take turns after one warm-up step each; medians, and peak memory (ru_maxrss of the process, so it
 only grows: the row order matters; on CUDA torch.cuda.max_memory_allocated per side).
 
-`--cached`: our step from latents stored by the latent cache (ldm/data/latent_cache.py, built by another
-branch) instead of images, next to the same uncached diffusers loop; see `cached_batch`.
+`--cached`: our step from latents and text embeddings as the latent cache (ldm/data/latent_cache.py)
+stores them, instead of images and captions, next to the same uncached diffusers loop; see `cached_batch`.
 """
 
 from __future__ import annotations
@@ -61,14 +61,17 @@ def ours_step(folder: Path, batch: dict, cached: bool):
 
 
 def cached_batch(system, batch: dict) -> dict:
-    """Hook for the latent cache (ldm/data/latent_cache.py, another branch): a batch that carries the
-    autoencoder's latents instead of images, so the step skips the VAE encoder. Until that module lands
-    this raises; once it does, build the cached batch with it here."""
-    try:
-        import ldm.data.latent_cache  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"--cached needs ldm/data/latent_cache.py (not in this checkout): {e}") from e
-    raise SystemExit("--cached: ldm.data.latent_cache exists now; wire its batch format into cached_batch()")
+    """The batch as the latent cache (ldm/data/latent_cache.py) hands it to training: the posterior's mean
+    and std of each image and each caption's context (plus the empty caption's, for caption dropout),
+    computed once here with the same functions the cache uses, outside the timed step."""
+    from ldm.data.latent_cache import embed_captions, encode_images
+
+    mean, std = encode_images(system.autoencoder, batch["image"])
+    captions = list(batch["caption"])
+    context = embed_captions(system.conditioner, captions)
+    null = embed_captions(system.conditioner, [""]).expand(len(captions), -1, -1)
+    return {"latent_mean": mean, "latent_std": std, "context": context, "uncond_context": null,
+            "caption": captions}  # fmt: skip
 
 
 def diffusers_step(folder: Path, batch: dict):
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
     p.add_argument("--px", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--cached", action="store_true", help="ours from cached latents (needs the latent cache)")
+    p.add_argument("--cached", action="store_true", help="ours from cached latents and text embeddings")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
