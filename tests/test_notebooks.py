@@ -25,7 +25,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def test_notebooks_present():
     names = {path.name for path in NOTEBOOKS}
-    assert {"quickstart.ipynb", "how_stable_diffusion_works.ipynb"} <= names, names
+    assert {"quickstart.ipynb", "how_stable_diffusion_works.ipynb", "evaluate.ipynb"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
