@@ -26,17 +26,16 @@ def collect(dirs: list[str | Path]) -> list[dict]:
 def plot_curve(metrics: list[dict], out: str | Path) -> Path:
     """FID (y) against CLIP score (x), one point per run, written as a PNG (matplotlib, Agg); against the
     guidance scale when the runs have no CLIP score (no clip_model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own (no pyplot): no backend switch, so a notebook's plots keep showing.
+    from matplotlib.figure import Figure
 
     points = [m for m in metrics if m.get("fid") is not None]
     if not points:
         raise ValueError("no metrics.json with an FID")
     xkey = "clip_score" if all(m.get("clip_score") is not None for m in points) else "guidance_scale"
     x, y = [m[xkey] for m in points], [m["fid"] for m in points]
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.subplots()
     ax.plot(x, y, "o-")
     for m, xi, yi in zip(points, x, y):
         ax.annotate(f"w={m['guidance_scale']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4))
@@ -48,7 +47,6 @@ def plot_curve(metrics: list[dict], out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
