@@ -5,7 +5,8 @@ python3, through nbclient), in a temporary working folder with this checkout fir
 one digits model, which the first notebook trains through `python train.py` (the notebooks' fallback when
 `LDM_NOTEBOOK_CKPT` is not set) into that folder and the next ones reuse. The tests shorten that run to
 TRAIN_STEPS: they check that every cell runs and draws, not how well a model follows its prompts (README,
-"Notebooks", has the numbers for the notebooks' default length).
+"Notebooks", has the numbers for the notebooks' default length). finetune.ipynb's LoRA and DreamBooth runs
+are shortened to FINETUNE_STEPS the same way.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TRAIN_STEPS = 200
+FINETUNE_STEPS = 30  # finetune.ipynb: its LoRA and DreamBooth runs
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def test_notebooks_present():
     names = {path.name for path in NOTEBOOKS}
-    assert {"quickstart.ipynb", "how_stable_diffusion_works.ipynb", "evaluate.ipynb"} <= names, names
+    assert {
+        "quickstart.ipynb", "how_stable_diffusion_works.ipynb", "evaluate.ipynb", "finetune.ipynb"
+    } <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -96,6 +100,8 @@ def test_notebook_runs(path, workdir, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LDM_NOTEBOOK_RUN", str(workdir / "runs" / "notebook_digits"))
     monkeypatch.setenv("LDM_NOTEBOOK_TRAIN_STEPS", str(TRAIN_STEPS))
+    monkeypatch.setenv("LDM_NOTEBOOK_LORA_STEPS", str(FINETUNE_STEPS))
+    monkeypatch.setenv("LDM_NOTEBOOK_DREAMBOOTH_STEPS", str(FINETUNE_STEPS))
     monkeypatch.delenv("LDM_NOTEBOOK_CKPT", raising=False)
     nb = nbformat.read(path, as_version=4)
     execute(nb, path.name, workdir)
