@@ -189,7 +189,9 @@ def test_scale_fuse_unload_and_save(lora_pipe, tiny_sd_folder, tmp_path):
     base = ldm.load_pipeline(tiny_sd_folder)
     plain = base(**args)
     full = base.load_lora(path)(**args)
-    assert torch.equal(base.set_lora_scale(0.0)(**args), plain)
+    # Scale 0 is the base to float rounding: with adapters on proj_in/proj_out the SpatialTransformer calls
+    # them as modules (ldm.nn.attention), a different order of the same products than the bare weights.
+    torch.testing.assert_close(base.set_lora_scale(0.0)(**args), plain, atol=1e-5, rtol=0)
     half = base.set_lora_scale(0.5)(**args)
     assert 0 < (half - plain).abs().max() < (full - plain).abs().max()
     base.save(tmp_path / "merged", format="ldm")  # saved with the LoRA merged in, original key names

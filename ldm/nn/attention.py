@@ -181,6 +181,8 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if not (_plain(self.proj_in) and _plain(self.proj_out)):
+            return self._forward_through_modules(x, context)
         x_in = x
         b = x.shape[0]
         # (B, C, H, W) -> (B, HW, C) as a view, one token per pixel: no copy in either memory format.
@@ -204,6 +206,34 @@ class SpatialTransformer(nn.Module):
             # Channels-last input: a contiguous (B, HW, C) is its (B, C, H, W) view already.
             out = _add_bias(torch.bmm(x, w_out.mT.expand(b, -1, -1)), self.proj_out.bias).mT
         return out.unflatten(2, x_in.shape[2:]) + x_in
+
+
+    def _forward_through_modules(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The reference layout, calling proj_in / proj_out as modules: for projections wrapped by LoRA
+        (peft), hooks or quantization, whose forward is more than their weight (the product above reads
+        the weight directly)."""
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        # contiguous(): keeps proj_out's weight gradient in standard strides (DDP's gradient buckets).
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+def _plain(module: nn.Module) -> bool:
+    """A bare nn.Linear / nn.Conv2d without hooks: its forward is exactly its weight and bias."""
+    return type(module) in (nn.Linear, nn.Conv2d) and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
