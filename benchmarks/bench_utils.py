@@ -153,3 +153,13 @@ def write_json(path: Path | None, payload: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")
+
+
+def finish(name: str, n_threads: int, args, before: float, **fields) -> dict:
+    """The result of a benchmark run: its name, threads, arguments and `fields`, with the load after the
+    run (`footer`); written as JSON to `args.json` when given."""
+    result = {"benchmark": name, "threads": n_threads, "args": vars(args) | {"json": str(args.json)}}
+    result |= fields
+    result |= footer(before)
+    write_json(args.json, result)
+    return result

@@ -98,13 +98,10 @@ def main(argv=None) -> dict:
             "fraction_of_peak": flops / s / peak,
         }
         print(f"| {name} | {s:.3f} | {flops / s / 1e9:.1f} | {flops / s / peak:.2f} |")
-    result = {
-        "benchmark": "roofline", "threads": n, "args": vars(args) | {"json": str(args.json)},
-        "flops": flops, "flops_by_op": by_op, "matmul_flops_per_s": [peak_before, peak_after], "rows": rows,
-    }  # fmt: skip
-    result |= bu.footer(before)
-    bu.write_json(args.json, result)
-    return result
+    return bu.finish(
+        "roofline", n, args, before,
+        flops=flops, flops_by_op=by_op, matmul_flops_per_s=[peak_before, peak_after], rows=rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

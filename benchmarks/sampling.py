@@ -105,15 +105,7 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(size, args, Path(tmp)) for size in args.sizes]
-    result = {
-        "benchmark": "sampling",
-        "threads": n,
-        "args": vars(args) | {"json": str(args.json)},
-        "rows": rows,
-    }
-    result |= bu.footer(before)
-    bu.write_json(args.json, result)
-    return result
+    return bu.finish("sampling", n, args, before, rows=rows)
 
 
 if __name__ == "__main__":

@@ -140,14 +140,11 @@ def main(argv=None) -> dict:
         print(f"| {label} | {s:.3f} | {args.batch / s:.1f} |")
     ratio = med["ours"] / med["diffusers"]
     print(f"\nours/diffusers time per step: {ratio:.2f}; peak RSS of the process (both): {rss_gib:.2f} GiB")
-    result = {
-        "benchmark": "train_throughput", "threads": n, "args": vars(args) | {"json": str(args.json)},
-        "seconds_per_step": med, "images_per_s": {k: args.batch / s for k, s in med.items()},
-        "ratio": ratio, "times": times, "peak_rss_gib": rss_gib,
-    }  # fmt: skip
-    result |= bu.footer(before)
-    bu.write_json(args.json, result)
-    return result
+    return bu.finish(
+        "train_throughput", n, args, before,
+        seconds_per_step=med, images_per_s={k: args.batch / s for k, s in med.items()},
+        ratio=ratio, times=times, peak_rss_gib=rss_gib,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

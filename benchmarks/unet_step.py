@@ -122,15 +122,7 @@ def main(argv=None) -> dict:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = [run(size, args) for size in args.sizes]
-    result = {
-        "benchmark": "unet_step",
-        "threads": n,
-        "args": vars(args) | {"json": str(args.json)},
-        "rows": rows,
-    }
-    result |= bu.footer(before)
-    bu.write_json(args.json, result)
-    return result
+    return bu.finish("unet_step", n, args, before, rows=rows)
 
 
 if __name__ == "__main__":
