@@ -158,14 +158,18 @@ def kid(ref: FeatureStats, gen: FeatureStats, subsets: int = 100, subset_size: i
 
 
 def load_clip(path: str | Path):
-    """(CLIPModel, CLIPProcessor) from a local folder written with `save_pretrained`; nothing downloads."""
+    """(CLIPModel, CLIPProcessor) from a local folder written with `save_pretrained`, or a hub id (e.g.
+    openai/clip-vit-large-patch14) for users with a network; a local folder never touches the network."""
     from transformers import CLIPModel, CLIPProcessor
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"clip_model: {path} is not a CLIP model folder (no config.json)")
-    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-    return model, CLIPProcessor.from_pretrained(path, local_files_only=True)
+    local = Path(path).expanduser()
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"clip_model: {path} is not a CLIP model folder (no config.json)")
+        model = CLIPModel.from_pretrained(local, local_files_only=True).eval()
+        return model, CLIPProcessor.from_pretrained(local, local_files_only=True)
+    model = CLIPModel.from_pretrained(str(path)).eval()  # a hub id: needs a network (or the hub cache)
+    return model, CLIPProcessor.from_pretrained(str(path))
 
 
 class _ClipEmbeddings(nn.Module):
