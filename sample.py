@@ -37,13 +37,9 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         return []
     if cfg.prompt is not None:
         return [str(cfg.prompt)]
-    path = Path(cfg.prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts_file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts_file {path} has no prompts")
-    return prompts
+    from ldm.generate import read_prompt_file
+
+    return read_prompt_file(cfg.prompts_file)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -81,9 +77,11 @@ def main(cfg: DictConfig) -> None:
     import ldm
     from ldm.generate import generate, sampling_choice
     from ldm.utils.images import image_grid
+    from ldm.utils.malloc import configure_malloc
 
     check_settings(cfg)
     prompts = read_prompts(cfg)
+    configure_malloc(cfg.get("malloc", "reuse"))  # freed CPU memory stays for the next step
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> None:
     from ldm.training.requeue import resolve_ckpt_path, use_atomic_checkpoint_io
     from ldm.training.threads import configure_threads
     from ldm.training.warnings import quiet_expected_warnings
+    from ldm.utils.malloc import configure_malloc
 
     quiet_expected_warnings()
     try:  # the whole composed config, before any data or weights are read (ldm/training/checks.py)
@@ -47,6 +48,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         sys.exit(f"{e}\n(stopped before loading data or weights; `python train.py --cfg job` shows it all)")
     configure_threads(cfg.get("threads", "auto"))  # before any work: see ldm/training/threads.py
+    configure_malloc(cfg.get("malloc", "reuse"))  # freed memory kept: ldm/utils/malloc.py
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-launches this script once per extra rank
         print(f"run folder: {Path(cfg.paths.output_dir).resolve()}", flush=True)
     # Before anything is built: a damaged checkpoint fails now, naming the file (ldm/training/requeue.py).

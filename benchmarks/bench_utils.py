@@ -1,18 +1,20 @@
 """Helpers shared by the benchmark scripts: machine load, threads, timing, and our UNet next to diffusers'.
 
 Every script imports `ldm` from this checkout (the repository root goes first on sys.path) and reports the
-1-minute load average before and after its measurements: on a machine where other processes compete for the
-cores, a ratio ours/theirs is not a result (`warn_if_busy`).
+1-minute load average before and after its measurements and the CPU time other processes took during them
+(`footer`): on a machine where other processes compete for the cores, a ratio ours/theirs is not a result.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +23,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-BUSY_LOAD = 0.5
+BUSY_LOAD = 0.5  # load average before a run worth a note
+OTHERS_BUSY = 0.1  # cores other processes may use during a run that still counts as idle
 
 # SD-shaped UNets of several sizes (our constructor arguments). SD1.5 is configs/model/unet/sd15.yaml.
 UNET_SIZES = {
@@ -53,30 +56,82 @@ def threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
-def header(name: str, n_threads: int) -> float:
-    """Print the conditions of the run; returns the load average before."""
+def add_common_args(p) -> None:
+    """--threads, --malloc and --json, the same in every script."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--malloc", default="system", choices=["system", "reuse"],
+        help="C allocator: glibc's defaults (both sides of a comparison share them) or ldm's `malloc: reuse`",
+    )  # fmt: skip
+    p.add_argument("--json", type=Path, default=None)
+
+
+def _busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have been busy, of which this process and its children), from /proc/stat
+    and getrusage. The difference over a run is the CPU time other processes took from it, which the load
+    average cannot tell apart from the benchmark's own threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / tick  # user nice system idle iowait irq softirq steal
+    own = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    return busy, own
+
+
+@dataclass
+class Conditions:
+    """The machine's state when a benchmark starts: load average, wall clock and CPU counters."""
+
+    load_before: float
+    wall: float
+    busy: float
+    own: float
+
+
+def header(name: str, n_threads: int, malloc: str = "system") -> Conditions:
+    """Apply `malloc` (ldm/utils/malloc.py), print the conditions of the run and start counting the CPU time
+    other processes use during it."""
+    from ldm.utils.malloc import configure_malloc
+
+    configure_malloc(malloc)
     before = load()
     print(
         f"{name}: torch {torch.__version__}, {n_threads} thread(s) of {len(os.sched_getaffinity(0))} cores, "
-        f"load average (1 min) before: {before:.2f}"
+        f"malloc={malloc}, load average (1 min) before: {before:.2f}"
     )
-    warn_if_busy(before)
-    return before
+    if before > BUSY_LOAD:
+        print(f"note: load average {before:.2f} before the run (a process that just ended counts too)")
+    return Conditions(before, time.perf_counter(), *_busy_seconds())
 
 
-def warn_if_busy(value: float) -> None:
-    if value > BUSY_LOAD:
-        print(
-            f"WARNING: load average {value:.2f} > {BUSY_LOAD}: other processes compete for the CPU; "
-            "re-run on an idle machine before reading the ratios as results"
-        )
-
-
-def footer(before: float) -> dict:
+def footer(start: Conditions) -> dict:
+    """How many cores other processes kept busy, on average, while the benchmark ran; a warning when that
+    is above `OTHERS_BUSY` (a ratio measured while other processes compete for the cores is not a result)."""
+    busy, own = _busy_seconds()
+    wall = time.perf_counter() - start.wall
+    others = max(0.0, (busy - start.busy) - (own - start.own)) / wall
     after = load()
-    print(f"load average (1 min) after: {after:.2f}")
-    warn_if_busy(after)
-    return {"load_before": before, "load_after": after, "idle": max(before, after) <= BUSY_LOAD}
+    print(
+        f"load average (1 min) after: {after:.2f} (this run included); other processes used "
+        f"{others:.2f} core(s) on average during the run"
+    )
+    idle = others <= OTHERS_BUSY
+    if not idle:
+        print(
+            f"WARNING: other processes used {others:.2f} cores (> {OTHERS_BUSY}) during the run: they "
+            "competed for the CPU; re-run on an idle machine before reading the ratios as results"
+        )
+    return {
+        "load_before": start.load_before,
+        "load_after": after,
+        "other_cores_busy": others,
+        "seconds": wall,
+        "idle": idle,
+    }
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -155,7 +210,7 @@ def write_json(path: Path | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
-def finish(name: str, n_threads: int, args, before: float, **fields) -> dict:
+def finish(name: str, n_threads: int, args, before: Conditions, **fields) -> dict:
     """The result of a benchmark run: its name, threads, arguments and `fields`, with the load after the
     run (`footer`); written as JSON to `args.json` when given."""
     result = {"benchmark": name, "threads": n_threads, "args": vars(args) | {"json": str(args.json)}}

@@ -13,7 +13,6 @@ UNet2DConditionModel with the same weights.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import bench_utils as bu
 import torch
@@ -47,14 +46,13 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--matmul", type=int, default=4096, help="side of the peak-rate matmul")
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' UNet on the same weights")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--json", type=Path, default=None)
+    bu.add_common_args(p)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
-    before = bu.header("roofline", n)
+    before = bu.header("roofline", n, args.malloc)
 
     flops, by_op = count_flops(args.size, args.batch, args.latent)
     peak_before = matmul_rate(args.matmul, args.repeats)

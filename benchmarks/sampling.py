@@ -24,25 +24,23 @@ import torch
 DEFAULT_PX = {"tiny": 64, "small": 256}
 
 
-def save_folder(path: Path, size: str) -> Path:
-    from ldm.checkpoints import save_diffusers_folder
-    from ldm.nn.autoencoder import AutoencoderKL
-    from ldm.nn.unet import UNetModel
-    from tests.tiny import SCHEDULER, UNET_KW, VAE_KW, randomize_, text_conditioner, text_state
+# The encoders of SD1.x: the KL-f8 autoencoder (configs/model/autoencoder/kl_f8.yaml) and the CLIP ViT-L/14
+# text transformer's shape (configs/model/conditioner/clip_vit_l14.yaml: 12 layers, 768 wide), with the
+# tiny tokenizer's vocabulary (the embedding table's size costs memory, not time).
+SD_VAE_KW = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, scale_factor=0.18215)
+SD_TEXT_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      projection_dim=768)  # fmt: skip
 
-    cond = text_conditioner()
-    unet_kw = dict(UNET_KW) if size == "tiny" else dict(bu.UNET_SIZES[size])
-    unet_kw["context_dim"] = cond.transformer.config.hidden_size
-    unet = randomize_(UNetModel(**unet_kw), seed=11)
-    with torch.no_grad():
-        unet.out[-1].weight.mul_(0.05)  # keeps a random network's sampling chain well-conditioned
-    vae = randomize_(AutoencoderKL(**VAE_KW), seed=12)
-    save_diffusers_folder(
-        path, unet=unet.state_dict(), unet_kwargs=unet_kw, vae=vae.state_dict(), vae_kwargs=VAE_KW,
-        text_encoder=text_state(cond), text_encoder_config=cond.transformer.config, tokenizer=cond.tokenizer,
-        scheduler_config=SCHEDULER, sample_size=8,
-    )  # fmt: skip
-    return path
+
+def save_folder(path: Path, size: str, encoders: str = "tiny") -> Path:
+    """The model of `size` as a diffusers folder (tests/tiny.py builder, random weights) with the tiny test
+    VAE and CLIP text encoder (`encoders="tiny"`) or SD1.x-sized ones (`"sd"`)."""
+    from tests.tiny import UNET_KW, save_tiny_sd_folder
+
+    unet_kw = UNET_KW if size == "tiny" else bu.UNET_SIZES[size]
+    if encoders == "tiny":
+        return save_tiny_sd_folder(path, seed=11, unet_kw=unet_kw)
+    return save_tiny_sd_folder(path, seed=11, unet_kw=unet_kw, vae_kw=SD_VAE_KW, text_config=SD_TEXT_CONFIG)
 
 
 def run(size: str, args, tmp: Path) -> dict:
@@ -95,11 +93,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--px", type=int, default=None, help="image side for every size (default per size)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--json", type=Path, default=None)
+    bu.add_common_args(p)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
-    before = bu.header("sampling", n)
+    before = bu.header("sampling", n, args.malloc)
     print("DPM-Solver++(2M), CFG 7.5, same initial latents (median of repeats)\n")
     print("| size | px | images | steps | ours s | diffusers s | ours/diffusers | max pixel diff | load |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,8 @@
 """Our UNet against diffusers' UNet2DConditionModel holding the same weights, in one process.
 
     python benchmarks/unet_step.py [--sizes tiny small sd15] [--repeats 5] [--batch 2] [--latent N]
-                                   [--threads N] [--channels-last] [--compile] [--json out.json]
+                                   [--threads N] [--channels-last] [--compile] [--no-lowering]
+                                   [--malloc system|reuse] [--json out.json]
 
 Sizes (benchmarks/bench_utils.py): `tiny` and `small` (the SD1 layout at 1/5 the width) time a whole
 training step (forward, MSE loss, backward, AdamW step, zero_grad); `sd15` (configs/model/unet/sd15.yaml,
@@ -14,7 +15,6 @@ same input are compared first (relative error), so the weights are known to be t
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import bench_utils as bu
 import torch
@@ -109,14 +109,23 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=None, help="latent side for every size (default per size)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--channels-last", action="store_true", help="both networks and inputs channels-last")
     p.add_argument("--compile", action="store_true", help="torch.compile both (inductor)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--no-lowering", action="store_true",
+        help="ours without the GEMM lowering of weight-bound CPU convolutions (ldm/nn/conv.py)",
+    )  # fmt: skip
+    bu.add_common_args(p)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
-    before = bu.header("unet_step", n)
-    print(f"channels_last={args.channels_last} compile={args.compile} repeats={args.repeats} (median)\n")
+    before = bu.header("unet_step", n, args.malloc)
+    from ldm.nn.conv import set_lowering
+
+    set_lowering(not args.no_lowering)
+    print(
+        f"channels_last={args.channels_last} compile={args.compile} lowering={not args.no_lowering} "
+        f"repeats={args.repeats} (median)\n"
+    )
     print(
         "| size | timed | latents | params | ours ms | diffusers ms | ours/diffusers | out rel err | load |"
     )

@@ -17,6 +17,17 @@ from tqdm import tqdm
 SAMPLER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sampler"
 
 
+def read_prompt_file(path: str | Path, key: str = "prompts_file") -> list[str]:
+    """The non-empty lines of a text file, one prompt each; `key` names the setting in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} not found")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{key}: {path} has no prompts")
+    return prompts
+
+
 def batch_starts(n_jobs: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """First job index of every batch this process draws: batches are cut once, then dealt round-robin, so
     each batch (and hence each image, bit for bit) is the same for any number of processes."""

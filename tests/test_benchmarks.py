@@ -16,7 +16,8 @@ RUNS = {
     "unet_step": ["--sizes", "tiny", "--repeats", "1", "--threads", "1"],
     "roofline": ["--size", "tiny", "--latent", "16", "--repeats", "1", "--matmul", "256", "--diffusers"],
     "sampling": ["--sizes", "tiny", "--steps", "3", "--repeats", "1", "--threads", "1"],
-    "train_throughput": ["--size", "tiny", "--batch", "2", "--repeats", "1", "--threads", "1"],
+    "train_throughput": "--size tiny --encoders tiny --batch 2 --repeats 1 --threads 1".split(),
+    "conv_lowering": "--shapes 640,1280,4 64,64,8 --batches 1 --repeats 1 --threads 1".split(),
     "gpu": ["--dry", "--checks", "sdpa", "mfu"],
 }
 
@@ -28,11 +29,15 @@ def run(name: str, tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "load average (1 min) before" in proc.stdout and "load average (1 min) after" in proc.stdout
-    return proc, json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    assert res["other_cores_busy"] >= 0 and res["seconds"] > 0
+    return proc, res
 
 
 def test_unet_step(tmp_path):
-    _, res = run("unet_step", tmp_path)
+    """Also `--malloc reuse` (ldm/utils/malloc.py) for the process that runs both sides."""
+    proc, res = run("unet_step", tmp_path, "--malloc", "reuse")
+    assert res["args"]["malloc"] == "reuse" and "malloc=reuse" in proc.stdout
     (row,) = res["rows"]
     assert row["size"] == "tiny" and row["mode"] == "train step"
     assert row["output_rel_err"] < 1e-5  # the two networks hold the same weights
@@ -62,6 +67,14 @@ def test_train_throughput_cached(tmp_path):
     """Ours from cached latents and text embeddings (the latent cache's batch format) against diffusers."""
     proc, res = run("train_throughput", tmp_path, "--cached")
     assert res["args"]["cached"] and "ours (cached latents)" in proc.stdout
+
+
+def test_conv_lowering(tmp_path):
+    """Both ways of a convolution timed per shape; the rule lowers the wide one and not the narrow one."""
+    _, res = run("conv_lowering", tmp_path)
+    picks = {(r["cin"], r["side"]): r["pick"] for r in res["rows"]}
+    assert picks == {(640, 4): "gemm", (64, 8): "onednn"}
+    assert all(r["fwd_bwd_ms"]["gemm"] > 0 and r["fwd_ms"]["onednn"] > 0 for r in res["rows"])
 
 
 def test_gpu_dry_run(tmp_path):

@@ -180,6 +180,7 @@ def test_terminal_bar_counts_steps_over_the_whole_run(common, tmp_path):
     assert not any(line.startswith("step ") for line in screen.splitlines())  # no plain lines on a terminal
 
 
+@pytest.mark.slow  # 25 s; tests/test_resume.py's Ctrl-C at an epoch end covers the exit and resume fast
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(common, tmp_path):
     """SIGINT mid-run: the step finishes, last.ckpt is written, exit 130; resuming it with ckpt_path
     repeats an uninterrupted run (losses and weights)."""

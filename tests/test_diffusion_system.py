@@ -50,6 +50,21 @@ def test_caption_dropout_uses_the_empty_caption():
     assert 0.35 < dropped.float().mean() < 0.65
 
 
+def test_adamw_is_fused_on_cpu_and_matches_the_unfused_step():
+    """AdamW from a config partial runs fused (one kernel per tensor, CPU too): the same update as the
+    for-loop implementation, to float rounding."""
+    s = system(ClassConditioner(10, 32), "label")
+    opt = s.configure_optimizers()
+    assert opt.defaults["fused"] is True
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-3, foreach=False)
+    for p, r in zip(params, ref_params, strict=True):
+        p.grad = r.grad = torch.randn_like(p)
+    opt.step(), ref.step()
+    assert all(torch.allclose(p, r, rtol=1e-6, atol=1e-7) for p, r in zip(params, ref_params, strict=True))
+
+
 def test_mismatched_modules_fail_at_start_up():
     cond = ClassConditioner(10, 16)  # the tiny UNet wants a 32-wide context
     with pytest.raises(ValueError, match="context_dim"):

@@ -114,7 +114,13 @@ UNET_CASES = {
 
 
 @pytest.mark.parametrize("case", list(UNET_CASES))
-def test_unet_matches_diffusers(case):
+@pytest.mark.parametrize("lowering", ["rule", "every_conv"])
+def test_unet_matches_diffusers(case, lowering, monkeypatch):
+    """`every_conv`: every convolution of ours runs through ldm/nn/conv.py's im2col + GEMM lowering (which
+    the rule keeps for SD's large, low-resolution layers only), to show that path computes the same."""
+    if lowering == "every_conv":
+        monkeypatch.setattr("ldm.nn.conv.MIN_WEIGHT", 0)
+        monkeypatch.setattr("ldm.nn.conv.MAX_POSITIONS", 10**9)
     ours_kwargs, theirs_kwargs = UNET_CASES[case]
     ours = randomize_(UNetModel(in_channels=4, out_channels=4, **ours_kwargs)).eval()
     theirs = diffusers.UNet2DConditionModel(

@@ -150,6 +150,9 @@ COMMANDS: dict[str, Run | Skip] = {
     "python benchmarks/train_throughput.py --json runs/bench/train_throughput.json": Skip(BENCH),
     "python benchmarks/train_throughput.py --cached --json runs/bench/train_cached.json": Skip(BENCH),
     "python benchmarks/gpu.py --json runs/bench/gpu.json": Skip(BENCH),
+    "python benchmarks/unet_step.py --malloc reuse --json runs/bench/unet_step_reuse.json": Skip(BENCH),
+    "python benchmarks/conv_lowering.py --json runs/bench/conv_lowering.json": Skip(BENCH),
+    "python benchmarks/train_throughput.py --encoders tiny --json runs/bench/train_tiny.json": Skip(BENCH),
     # Sampling, on the reproduce block's run.
     'python sample.py ckpt=runs/digits prompt="a photo of the digit three" n=4 sampler=euler_a steps=30 '
     "guidance_scale=7.5 seed=0": Run("digits", "n=1 steps=2", ["outputs/samples"]),

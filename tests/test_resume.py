@@ -131,6 +131,7 @@ def assert_same_as_full(full: Path, run: Path, steps: range) -> None:
         assert wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items()), f
 
 
+@pytest.mark.slow  # 37 s; the same checkpoint-to-more-steps path runs fast in README's resume commands
 def test_extending_a_finished_run_twice(common, full, tmp_path):
     """The most common resume: train to N steps, then continue to more. max_steps=9 stops mid-epoch (the
     checkpoint is written after Lightning ran the epoch's end), 12 stops exactly at an epoch's end."""

@@ -47,8 +47,10 @@ SCHEDULER = {
 }  # fmt: skip
 
 
-def text_conditioner():
+def text_conditioner(config: dict | None = None):
+    """The tiny CLIP text encoder (configs/model/conditioner/tiny.yaml), its `config` updated by `config`."""
     cfg = OmegaConf.load(REPO / "configs/model/conditioner/tiny.yaml")
+    cfg.config = OmegaConf.merge(cfg.config, config or {})
     cond = instantiate(cfg)
     randomize_(cond.transformer, seed=3)
     return cond
@@ -59,17 +61,27 @@ def text_state(cond) -> dict[str, torch.Tensor]:
     return {k.removeprefix("transformer."): v for k, v in cond.state_dict().items()}
 
 
-def save_tiny_sd_folder(path: Path, seed: int = 11) -> Path:
-    """A diffusers StableDiffusionPipeline folder of a narrow SD-shaped model (64 px images, 8x8 latents)."""
+def save_tiny_sd_folder(
+    path: Path,
+    seed: int = 11,
+    unet_kw: dict | None = None,
+    vae_kw: dict | None = None,
+    text_config: dict | None = None,
+) -> Path:
+    """A diffusers StableDiffusionPipeline folder of a narrow SD-shaped model (64 px images, 8x8 latents);
+    `unet_kw`, `vae_kw`: other networks (our constructor arguments; the UNet's context width is set to the
+    text encoder's), `text_config`: changes to the tiny CLIP text encoder's config."""
     torch.manual_seed(seed)
-    unet = randomize_(UNetModel(**UNET_KW), seed=seed)
+    cond = text_conditioner(text_config)
+    vae_kw = vae_kw or VAE_KW
+    unet_kw = dict(unet_kw or UNET_KW, context_dim=cond.transformer.config.hidden_size)
+    unet = randomize_(UNetModel(**unet_kw), seed=seed)
     # Small weights on the UNet output keep the sampling chain well-conditioned with random weights.
     with torch.no_grad():
         unet.out[-1].weight.mul_(0.05)
-    vae = randomize_(AutoencoderKL(**VAE_KW), seed=seed + 1)
-    cond = text_conditioner()
+    vae = randomize_(AutoencoderKL(**vae_kw), seed=seed + 1)
     save_diffusers_folder(
-        path, unet=unet.state_dict(), unet_kwargs=UNET_KW, vae=vae.state_dict(), vae_kwargs=VAE_KW,
+        path, unet=unet.state_dict(), unet_kwargs=unet_kw, vae=vae.state_dict(), vae_kwargs=vae_kw,
         text_encoder=text_state(cond), text_encoder_config=cond.transformer.config, tokenizer=cond.tokenizer,
         scheduler_config=SCHEDULER, sample_size=8,
     )  # fmt: skip

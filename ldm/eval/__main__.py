@@ -29,16 +29,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def read_prompts(spec: str) -> list[str]:
     """A text file (one prompt a line) or webdataset shards (their captions)."""
     from ldm.eval.reference import read_captions, shard_paths
+    from ldm.generate import read_prompt_file
 
     if shard_paths(spec):
         return read_captions(spec)
-    path = Path(spec)
-    if not path.is_file():
+    if not Path(spec).is_file():
         raise FileNotFoundError(f"prompts: {spec} is neither a text file nor webdataset shards")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts: {spec} has no prompts")
-    return prompts
+    return read_prompt_file(spec, key="prompts")
 
 
 def check(cfg: DictConfig) -> None:
@@ -121,9 +118,11 @@ def main(cfg: DictConfig) -> dict:
     from ldm.eval.metrics import RESIZE_FILTER, ClipScorer, extractor_info
     from ldm.eval.reference import reference_stats
     from ldm.eval.score import score_batch, summarize
+    from ldm.utils.malloc import configure_malloc
 
     t0 = time.perf_counter()
     check(cfg)
+    configure_malloc(cfg.get("malloc", "reuse"))  # freed CPU memory stays for the next step
     # cpu=True lets a CPU-only torchrun / accelerate group form (gloo); on GPUs each process takes its own.
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     out_dir = [str(HydraConfig.get().runtime.output_dir)]

@@ -207,7 +207,6 @@ class SpatialTransformer(nn.Module):
             out = _add_bias(torch.bmm(x, w_out.mT.expand(b, -1, -1)), self.proj_out.bias).mT
         return out.unflatten(2, x_in.shape[2:]) + x_in
 
-
     def _forward_through_modules(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """The reference layout, calling proj_in / proj_out as modules: for projections wrapped by LoRA
         (peft), hooks or quantization, whose forward is more than their weight (the product above reads

@@ -340,9 +340,22 @@ class TextConditioner(nn.Module):
     def unconditional(self, batch_size: int) -> torch.Tensor:
         """Context of the empty caption, (batch_size, max_length, D): the SD unconditional input for CFG.
 
-        Computed once and expanded (a view): the empty caption is the same for every sample.
+        Computed once and expanded (a view): the empty caption is the same for every sample. Without
+        gradients it is kept until the weights, device, dtype or autocast change, so caption dropout in
+        training does not run the frozen text encoder once more every step (diffusers'
+        train_text_to_image.py replaces dropped captions in the batch instead).
         """
-        return self([""]).expand(batch_size, -1, -1)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self([""]).expand(batch_size, -1, -1)  # a trained text encoder: gradients flow
+        device_type = self.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        # _version counts in-place writes (load_state_dict, optimizer steps); ids catch replaced tensors.
+        key = (autocast, tuple((id(t), t._version, t.device, t.dtype) for t in self.transformer.parameters()))
+        cached = self.__dict__.get("_null_context")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_null_context"] = (key, self([""]))
+        return cached[1].expand(batch_size, -1, -1)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write text model and tokenizer to one folder, loadable as ``TextConditioner(version=path)``."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.attention import SpatialTransformer, group_norm
+from ldm.nn.conv import Conv2d
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -53,7 +54,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -64,7 +65,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
         dtype = x.dtype
@@ -87,20 +88,20 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
-            group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         # Zero-initialized last convolution: each block starts as the identity (ADM `zero_module`).
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         )
         self.gradient_checkpointing = False
 
@@ -200,7 +201,7 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))]
         )
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
@@ -234,7 +235,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            group_norm(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
+            group_norm(ch), nn.SiLU(), Conv2d(model_channels, out_channels, 3, padding=1)
         )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)

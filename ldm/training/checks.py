@@ -268,6 +268,14 @@ def _check_samplers(cfg: Any, problems: list[str]) -> None:
                 problems.append(f"callbacks.{name}.sampler={cb.sampler!r}: {e.args[0]}")
 
 
+def _check_process(cfg: Any, problems: list[str]) -> None:
+    """Settings of the training process itself: `malloc` (ldm/utils/malloc.py)."""
+    from ldm.utils.malloc import CHOICES
+
+    if cfg.get("malloc") is not None and cfg.malloc not in CHOICES:
+        problems.append(f"malloc={cfg.malloc!r}: must be one of {', '.join(CHOICES)}")
+
+
 def _check_data_paths(cfg: Any, problems: list[str]) -> None:
     """Local shard patterns must match files, and a folder dataset's root must exist (remote URLs and
     `pipe:` commands are not checked)."""
@@ -311,7 +319,7 @@ def check_config(cfg: Any) -> None:
     for group in ("data", "model", "trainer", "callbacks", "logger"):
         if cfg.get(group) is not None:
             _check_targets(cfg._get_node(group), group, problems)
-    for check in (_check_model, _check_samplers, _check_data_paths):
+    for check in (_check_model, _check_samplers, _check_process, _check_data_paths):
         try:
             check(cfg, problems)
         except Exception:  # noqa: BLE001 - a value already reported above (a string for a number...)

@@ -35,9 +35,7 @@ def checkpoint_candidates(run_dir: str | os.PathLike) -> list[Path]:
     return sorted([*(run / "checkpoints").glob("*.ckpt"), *run.glob("hpc_ckpt_*.ckpt")])
 
 
-def find_resume_checkpoint(
-    run_dir: str | os.PathLike, warn: Callable[[str], None] = _warn
-) -> Path | None:
+def find_resume_checkpoint(run_dir: str | os.PathLike, warn: Callable[[str], None] = _warn) -> Path | None:
     """The newest checkpoint of `run_dir` that verifies (`check_training_checkpoint`), newest by its
     recorded global_step, then by modification time; None in a folder without checkpoints. Each damaged
     one is skipped with a warning that names it and says what is wrong."""

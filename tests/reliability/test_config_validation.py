@@ -58,6 +58,7 @@ def test_model_parts_that_do_not_fit_together(tmp_path):
         "model.unet.context_dim=64",
         "model.prediction_type=flow",
         "callbacks.sample_grid.sampler=euler_x",
+        "malloc=jemalloc",
     )
     assert_fails_fast(
         proc,
@@ -67,6 +68,7 @@ def test_model_parts_that_do_not_fit_together(tmp_path):
         "model.unet.context_dim=64, but the conditioner's output is 32 wide",
         "model.prediction_type='flow': the samplers take one of",
         "callbacks.sample_grid.sampler='euler_x': unknown sampler 'euler_x'",
+        "malloc='jemalloc': must be one of reuse, system",
     )
 
 
