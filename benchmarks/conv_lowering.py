@@ -23,12 +23,11 @@ SHAPES = [  # (in, out, side)
 ]  # fmt: skip
 
 
-def time_shape(cin: int, cout: int, side: int, batch: int, repeats: int) -> dict:
+def time_shape(conv, side: int, batch: int, repeats: int) -> dict:
     """Forward and forward + backward times (ms) of both ways for one shape, and the rule's pick."""
-    from ldm.nn.conv import Conv2d, conv2d_gemm, gemm_pays
+    from ldm.nn.conv import conv2d_gemm, gemm_pays
 
-    torch.manual_seed(0)
-    conv = Conv2d(cin, cout, 3, padding=1)
+    cin, cout = conv.in_channels, conv.out_channels
     x = torch.randn(batch, cin, side, side, requires_grad=True)
     ways = {"onednn": lambda: torch.nn.Conv2d.forward(conv, x), "gemm": lambda: conv2d_gemm(x, conv)}
 
@@ -50,6 +49,8 @@ def time_shape(cin: int, cout: int, side: int, batch: int, repeats: int) -> dict
 
 
 def main(argv=None) -> dict:
+    from ldm.nn.conv import Conv2d
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--shapes", nargs="+", default=None, help="IN,OUT,SIDE triples (default: SD shapes)")
@@ -64,8 +65,10 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for cin, cout, side in shapes:
+        torch.manual_seed(0)
+        conv = Conv2d(cin, cout, 3, padding=1)  # one weight for every batch size
         for b in args.batches:
-            r = time_shape(cin, cout, side, b, args.repeats)
+            r = time_shape(conv, side, b, args.repeats)
             rows.append(r)
             ms = [f"{r[t][k]:.2f}" for t in ("fwd_ms", "fwd_bwd_ms") for k in ("onednn", "gemm")]
             cells = [f"{cin} -> {cout}", side, b, *ms, r["pick"], f"{r['pick_over_onednn']:.2f}"]

@@ -7,7 +7,7 @@ sampling step allocates and frees the same large activations and oneDNN's reorde
 on every call, so each call pays one page fault per 4 KiB page, the kernel zeroing every page first.
 Measured on the SD1.5 UNet forward (2x4x32x32, 2 threads, benchmarks/unet_step.py `--malloc`): 5.6
 million page faults and 12 s of system time over twelve forwards (ours and diffusers'), a fifth of the
-wall time; with `reuse`, 59 thousand and 0.8 s.
+wall time; with `reuse`, 57 thousand and 1.0 s.
 
 `reuse` turns mmap off for allocations (glibc still maps memory when the heap cannot grow) and raises the
 trim threshold, so freed blocks go back to malloc's free lists and the next step reuses them, faulted in
@@ -17,10 +17,11 @@ freed block at once for an aligned request of its size (sourceware bug 14581; to
 posix_memalign), so the heap first grows by a few of the largest blocks. Measured: the `small` UNet's
 training step (benchmarks/bench_utils.py, batch 4) levels off at 1.20 GB resident against a 1.19 GB peak
 with glibc's defaults, with no page faults after the third step; a loop over one 64 MiB tensor at 668 MB
-against 284 MB. The common alternative, jemalloc or
-tcmalloc through LD_PRELOAD (Intel's PyTorch CPU performance tuning guide), needs a library installed and
-set before the process starts; `mallopt` works from inside. Elsewhere than glibc (macOS, musl) it does
-nothing. DataLoader workers forked later inherit the setting.
+against 284 MB.
+
+The common alternative, jemalloc or tcmalloc through LD_PRELOAD (Intel's PyTorch CPU performance tuning
+guide), needs a library installed and set before the process starts; `mallopt` works from inside.
+Elsewhere than glibc (macOS, musl) it does nothing. DataLoader workers forked later inherit the setting.
 """
 
 from __future__ import annotations
