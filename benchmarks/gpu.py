@@ -1,5 +1,6 @@
-"""The GPU settings, checked and timed: bf16-mixed training step, fp16/bf16 sampling, `model.compile=true`,
-the SDPA kernel in use, and throughput / MFU of the SD1.5 UNet at 256 px.
+"""The GPU settings, checked and timed: bf16-mixed training step (and its host-device syncs: none expected),
+fp16/bf16 sampling, `model.compile=true`, the SDPA kernel in use, and throughput / MFU of the SD1.5 UNet at
+256 px.
 
     python benchmarks/gpu.py [--checks sdpa train sample mfu compile] [--size sd15] [--px 256] [--batch 8]
                              [--dry] [--json out.json]
@@ -106,10 +107,28 @@ def train_step(
         torch.cuda.reset_peak_memory_stats()
     s = timed(device, step, repeats)
     out = {"s_per_step": s, "images_per_s": batch / s, "losses": [float(v) for v in losses]}
+    out["syncs_per_step"] = step_syncs(device, step)  # after the timed steps: `losses` holds theirs only
     out["finite"] = all(torch.isfinite(v).item() for v in losses)
     if device == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def step_syncs(device: str, step, steps: int = 2) -> float | None:
+    """Host-device synchronizations per call of `step`, counted by CUDA's sync debug mode (a warning for
+    each synchronizing call); None where there is no CUDA to count on."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def sample(folder: Path, device: str, dtype: torch.dtype, px: int, steps: int) -> dict:

@@ -1,7 +1,7 @@
 """Text-to-image end to end: our Pipeline against diffusers' StableDiffusionPipeline on the same folder.
 
     python benchmarks/sampling.py [--sizes tiny small] [--steps 20] [--batch 2] [--px N] [--repeats 3]
-                                  [--threads N] [--json out.json]
+                                  [--compile] [--threads N] [--json out.json]
 
 A tiny (tests/tiny.py UNET_KW) or small SD-shaped model (benchmarks/bench_utils.py `small`, its context
 width set to the tiny CLIP text encoder's) with random weights is saved as a diffusers folder in a
@@ -9,7 +9,8 @@ temporary directory; `ldm.load_pipeline` and `StableDiffusionPipeline.from_pretr
 folder. Each call: prompt and negative prompt encoded, DPM-Solver++(2M) (diffusers'
 DPMSolverMultistepScheduler / our `dpmpp_2m`) for `--steps` steps with classifier-free guidance 7.5 on
 the same initial latents, VAE decode, images as tensors. The two pipelines take turns after one warm-up
-call each; the table gives medians and the largest pixel difference between their images.
+call each; the table gives medians and the largest pixel difference between their images. `--compile`:
+both UNets through `torch.compile` (inductor), the first call of each (compilation included) timed apart.
 """
 
 from __future__ import annotations
@@ -69,14 +70,18 @@ def run(size: str, args, tmp: Path) -> dict:
             guidance_scale=7.5, latents=latents, output_type="pt", **common,
         ).images,
     }  # fmt: skip
+    first = {}
+    if args.compile:
+        ours.unet, theirs.unet = torch.compile(ours.unet), torch.compile(theirs.unet)
     with torch.no_grad():
+        first = {k: bu.timed(fn) for k, fn in fns.items()}  # with --compile: the compilation
         diff = (fns["ours"]() - fns["diffusers"]()).abs().max().item()
         times = bu.alternate(fns, args.repeats, warmup=0)
     med = {k: bu.median(v) for k, v in times.items()}
     row = {
         "size": size, "px": px, "batch": args.batch, "steps": args.steps, "ours_s": med["ours"],
         "diffusers_s": med["diffusers"], "ratio": med["ours"] / med["diffusers"], "times": times,
-        "max_pixel_diff": diff, "load_after": bu.load(),
+        "max_pixel_diff": diff, "first_call_s": first, "compile": args.compile, "load_after": bu.load(),
     }  # fmt: skip
     print(
         f"| {size} | {px} | {args.batch} | {args.steps} | {med['ours']:.2f} | {med['diffusers']:.2f} | "
@@ -93,11 +98,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--px", type=int, default=None, help="image side for every size (default per size)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (inductor)")
     bu.add_common_args(p)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
     before = bu.header("sampling", n, args.malloc)
-    print("DPM-Solver++(2M), CFG 7.5, same initial latents (median of repeats)\n")
+    print(f"DPM-Solver++(2M), CFG 7.5, same initial latents (median of repeats), compile={args.compile}\n")
     print("| size | px | images | steps | ours s | diffusers s | ours/diffusers | max pixel diff | load |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.diffusion.denoiser import x0_to_eps, x0_to_v
-from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket
+from ldm.diffusion.loss import DiffusionLoss, LossByTimestep
 from ldm.diffusion.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule()
@@ -123,7 +123,17 @@ def test_zero_terminal_snr_v_loss_at_the_last_step():
     assert torch.isfinite(w).all() and (w == 0).all()
 
 
-def test_loss_by_timestep_bucket():
-    loss = torch.tensor([1.0, 3.0, 10.0])
-    out = loss_by_timestep_bucket(loss, torch.tensor([5, 50, 999]), 1000, buckets=10)
-    assert out == {"t000-099": pytest.approx(2.0), "t900-999": pytest.approx(10.0)}
+def test_loss_by_timestep_means_over_the_window():
+    """Means per timestep range over every batch added since the last pop; NaN where none fell; reset."""
+    window = LossByTimestep(1000, buckets=10)
+    window.add(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([5, 50, 999]))
+    window.add(torch.tensor([5.0]), torch.tensor([99]))
+    out = window.pop()
+    assert list(out) == [f"t{k}00-{k}99" for k in range(10)]
+    assert out["t000-099"].item() == 3.0 and out["t900-999"].item() == 10.0
+    assert all(out[k].isnan() for k in out if k not in ("t000-099", "t900-999"))
+    window.add(torch.tensor([2.0]), torch.tensor([150]))
+    assert window.pop()["t000-099"].isnan()
+    assert window.pop() == {}
+    # A schedule whose length is not a multiple: the last range takes the rest.
+    assert list(LossByTimestep(1005, buckets=10).names)[-1] == "t900-1004"

@@ -58,3 +58,28 @@ def test_state_dict_round_trip_and_mismatch():
     assert other.num_updates == 1 and torch.equal(other.shadow["weight"], ema.shadow["weight"])
     with pytest.raises(ValueError, match="does not match"):
         EMA(nn.Linear(2, 3, bias=False)).load_state_dict(ema.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_equals_lerp_of_each_tensor(dtype):
+    """The multi-tensor update is bit for bit `shadow.lerp_(weight.float(), 1 - decay)` per parameter,
+    for fp32 and half-precision modules; frozen parameters keep their shadow."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)).to(dtype)
+    net[1].weight.requires_grad_(False)
+    ema = EMA(net, decay=0.9, warmup="compvis")
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.num_updates += 1  # the decay update() will use: the rule at the next update count
+        decay = ema.current_decay()
+        ema.num_updates -= 1
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                expected[name].lerp_(p.detach().float(), 1.0 - decay)
+        ema.update(net)
+        for name, value in expected.items():
+            assert torch.equal(ema.shadow[name], value), name
+    assert torch.equal(ema.shadow["1.weight"], torch.ones(8))  # LayerNorm init; frozen: never averaged

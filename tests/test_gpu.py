@@ -40,6 +40,8 @@ def test_bf16_mixed_training_step(gpu, folder):
     out = gpu.train_step(folder, device, torch.bfloat16, batch=2, px=64, repeats=1)
     assert out["finite"] and len(out["losses"]) == 2
     assert out["losses"][0] != out["losses"][1]  # the optimizer stepped (and the batch randomness moved)
+    if CUDA:  # step, backward, AdamW: nothing read back to the host (the CPU check: test_training_syncs.py)
+        assert out["syncs_per_step"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -113,3 +113,68 @@ def tensorboard_tags(folder: Path) -> set[str]:
             pos += 12 + length + 4
             tags |= {v.tag for v in event.summary.value}
     return tags
+
+
+class HostReads(Callback):
+    """Records, per training step, every read of a tensor's value by the host: on a GPU each is a device sync
+    that drains the queue of kernels (`.item()`, `.tolist()`, `bool()`/`float()`/`int()`, `.numpy()`,
+    `.cpu()`, `nonzero`/`unique`, boolean-mask indexing). The CPU cannot tell a device tensor from a host
+    one, so the methods are wrapped and their callers recorded, leaving out the data loading (host data by
+    definition). A read counts for the optimizer step the trainer is at (`global_step` when it happens: from
+    just after step k-1 to step k, whatever the order of the callbacks), from step `skip` on. Written to
+    `path` as JSON {global_step: ["reading frame < caller < ...", ...]}."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu", "nonzero", "unique")
+    DATA = ("/torch/utils/data/", "/webdataset/", "/ldm/data/")
+
+    def __init__(self, path: str, skip: int = 2):
+        self.path, self.skip = Path(path), skip
+        self.reads: dict[int, list[str]] = {}
+        self.trainer = None
+        self._saved: dict[str, object] = {}
+
+    def _record(self) -> None:
+        import traceback
+
+        if self.trainer is None or self.trainer.global_step < self.skip:
+            return
+        frames = traceback.extract_stack()[:-2]  # without this method and the wrapper
+        if any(d in f.filename for f in frames for d in self.DATA):
+            return
+        # The reading frame, then the frames that led to it (innermost first), for the message of a failure.
+        sites = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-8:])]
+        self.reads.setdefault(self.trainer.global_step, []).append(" < ".join(sites))
+
+    def _wrap(self, name: str) -> None:
+        original = getattr(torch.Tensor, name)
+        self._saved[name] = original
+
+        def wrapper(t, *args, **kwargs):
+            self._record()
+            return original(t, *args, **kwargs)
+
+        setattr(torch.Tensor, name, wrapper)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for name in self.METHODS:
+            self._wrap(name)
+        original = torch.Tensor.__getitem__
+        self._saved["__getitem__"] = original
+
+        def getitem(t, index):
+            if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                self._record()
+            return original(t, index)
+
+        torch.Tensor.__getitem__ = getitem
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.trainer = trainer
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.trainer = None
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        import json
+
+        self.path.write_text(json.dumps(self.reads, indent=1))

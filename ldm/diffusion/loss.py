@@ -126,25 +126,49 @@ class DiffusionLoss:
         return mse * self.weight(t), t
 
 
-def loss_by_timestep_bucket(loss: Tensor, t: Tensor, num_train_timesteps: int, buckets: int = 10) -> dict:
-    """Mean loss per timestep range, {"t000-099": value, ...}: shows where in the chain a model is weak."""
-    width = num_train_timesteps // buckets
-    out = {}
-    index = (t // width).clamp(max=buckets - 1)
-    for k in index.unique().tolist():
-        lo, hi = k * width, (k + 1) * width - 1 if k < buckets - 1 else num_train_timesteps - 1
-        out[f"t{lo:03d}-{hi:03d}"] = loss[index == k].mean().detach()
-    return out
+class LossByTimestep:
+    """Mean training loss per timestep range over a window of steps, {"t000-099": mean, ...}: shows where
+    in the chain a model is weak. Sums and counts stay on the loss's device (`index_add_`), so adding a
+    batch reads nothing back to the host; `pop()` returns the window's means as tensors (NaN for a range
+    no sample fell in) and starts a new window."""
+
+    def __init__(self, num_train_timesteps: int, buckets: int = 10):
+        self.width = num_train_timesteps // buckets
+        self.buckets = buckets
+        last = [(k * self.width, (k + 1) * self.width - 1) for k in range(buckets - 1)]
+        last.append(((buckets - 1) * self.width, num_train_timesteps - 1))
+        self.names = [f"t{lo:03d}-{hi:03d}" for lo, hi in last]
+        self.sums: Tensor | None = None
+        self.counts: Tensor | None = None
+
+    def add(self, loss: Tensor, t: Tensor) -> None:
+        """Fold a batch's per-sample losses at timesteps `t` into the window."""
+        loss = loss.detach().float()
+        if self.sums is None or self.sums.device != loss.device:
+            self.sums = loss.new_zeros(self.buckets)
+            self.counts = loss.new_zeros(self.buckets)
+        index = (t.to(loss.device) // self.width).clamp(max=self.buckets - 1)
+        self.sums.index_add_(0, index, loss)
+        self.counts.index_add_(0, index, torch.ones_like(loss))
+
+    def pop(self) -> dict[str, Tensor]:
+        """The window's mean loss per range (0-dim tensors, no host sync), then an empty window."""
+        if self.sums is None:
+            return {}
+        means = self.sums / self.counts  # 0 / 0 = NaN: no sample in that range during the window
+        self.sums = self.counts = None
+        return dict(zip(self.names, means.unbind()))
 
 
 def prior_preservation_loss(loss: Tensor, is_prior: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """DreamBooth's objective (Ruiz et al. 2023, Eq. 2): the mean loss of the instance samples plus `weight`
     times the mean loss of the class (prior-preservation) samples, as diffusers' `train_dreambooth.py`
     adds `prior_loss_weight * prior_loss`. Returns (total, instance, prior); prior is 0 without class
-    samples. `loss` is per sample, `is_prior` a boolean mask of the same length."""
-    is_prior = is_prior.to(loss.device, torch.bool)
-    if is_prior.all():
-        raise ValueError("a DreamBooth batch needs instance samples (is_prior all true)")
-    instance = loss[~is_prior].mean()
-    prior = loss[is_prior].mean() if is_prior.any() else loss.new_zeros(())
+    samples. `loss` is per sample, `is_prior` a boolean mask of the same length, with at least one instance
+    sample (`DreamBoothDataset.collate` puts one per example first). Masked sums, not boolean indexing or a
+    check of the mask: either reads the mask back to the host, a device sync every step."""
+    prior_mask = is_prior.to(loss.device, loss.dtype)
+    instance_mask = 1 - prior_mask
+    instance = (loss * instance_mask).sum() / instance_mask.sum()
+    prior = (loss * prior_mask).sum() / prior_mask.sum().clamp(min=1)
     return instance + weight * prior, instance, prior

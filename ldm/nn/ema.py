@@ -57,12 +57,21 @@ class EMA:
         """shadow <- decay * shadow + (1 - decay) * weights, for every trainable floating parameter."""
         self.num_updates += 1
         decay = self.current_decay()
+        groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, p in module.named_parameters():
             if name in self.shadow and p.requires_grad:
                 s = self.shadow[name]
                 if s.device != p.device:
                     s = self.shadow[name] = s.to(p.device)
-                s.lerp_(p.detach().float(), 1.0 - decay)
+                shadows, weights = groups.setdefault((p.device, p.dtype), ([], []))
+                shadows.append(s)
+                weights.append(p.detach())
+        # One multi-tensor lerp per device and dtype (as torch.optim's foreach AdamW): a few kernels per
+        # step instead of one per tensor (~700 in SD1.5's UNet), the same arithmetic as `lerp_` on each.
+        for shadows, weights in groups.values():
+            if weights[0].dtype != torch.float32:
+                weights = [w.float() for w in weights]
+            torch._foreach_lerp_(shadows, weights, 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -162,7 +162,8 @@ class AutoencoderSystem(pl.LightningModule):
             self.ema.update(self.autoencoder)
         logs["ae_step"] = torch.tensor(float(self.ae_step))
         b = x.shape[0]
-        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=b)
+        # Shown by StepProgressBar when it redraws; prog_bar=True would read it back every step (a sync).
+        self.log("train/loss", logs.pop("loss"), batch_size=b)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)
 
     # ----------------------------------------------------------------------------------------- validation

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.loss import DiffusionLoss, loss_by_timestep_bucket, prior_preservation_loss
+from ldm.diffusion.loss import DiffusionLoss, LossByTimestep, prior_preservation_loss
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.nn.autoencoder import AutoencoderKL
 from ldm.nn.ema import EMA
@@ -90,6 +90,8 @@ class LatentDiffusionSystem(pl.LightningModule):
         # its samples, and what the data's resolution must give (ldm.training.checks).
         self.sample_size = sample_size
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
+        self.loss_by_timestep = LossByTimestep(schedule.num_train_timesteps)
+        self._buckets_logged_at = -1
         # Recommended {sampler, steps, guidance_scale}, carried into exports (`Pipeline.recommended`).
         from ldm.pipeline import check_sampling
 
@@ -226,11 +228,10 @@ class LatentDiffusionSystem(pl.LightningModule):
                 )
             context = batch["context"].to(self.device)
             if drop and self.ucg_rate > 0:
-                keep = (
-                    torch.rand(len(context), generator=generator, device=self.device).cpu() >= self.ucg_rate
-                )
+                # The draws of the on-the-fly branch below, on the device: no host-device sync.
+                keep = torch.rand(len(context), generator=generator, device=self.device) >= self.ucg_rate
                 null = batch["uncond_context"].to(context)
-                context = torch.where(keep.to(self.device)[:, None, None], context, null)
+                context = torch.where(keep[:, None, None], context, null)
             return context
         cond = batch[self.cond_key]
         n = len(cond)
@@ -257,10 +258,16 @@ class LatentDiffusionSystem(pl.LightningModule):
             )
         else:
             mean = loss.mean()
-        self.log("train/loss", mean, prog_bar=True, batch_size=z0.shape[0])
-        if self.log_buckets_every_n_steps and self.global_step % self.log_buckets_every_n_steps == 0:
-            buckets = loss_by_timestep_bucket(loss, t, self.schedule.num_train_timesteps)
-            self.log_dict({f"train/loss_{k}": v for k, v in buckets.items()}, batch_size=z0.shape[0])
+        # Not prog_bar=True: Lightning reads every progress-bar metric back after each batch (a device sync
+        # per step); StepProgressBar shows train/loss from the callback metrics when it redraws.
+        self.log("train/loss", mean, batch_size=z0.shape[0])
+        if n := self.log_buckets_every_n_steps:  # the mean over the last n steps, logged every n steps
+            self.loss_by_timestep.add(loss, t)
+            # Once per optimizer step (its first micro-batch, when gradients accumulate).
+            if (self.global_step + 1) % n == 0 and self._buckets_logged_at != self.global_step:
+                self._buckets_logged_at = self.global_step
+                buckets = self.loss_by_timestep.pop()
+                self.log_dict({f"train/loss_{k}": v for k, v in buckets.items()}, batch_size=z0.shape[0])
         if "skipped" in batch:
             skipped = batch["skipped"]
             for reason, count in skipped.items():

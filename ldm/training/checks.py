@@ -186,6 +186,11 @@ def _autoencoder_shape(node: Any, key: str, problems: list[str]) -> tuple[int | 
     kwargs: dict = {}
     if target.endswith("AutoencoderKL"):
         kwargs = dict(node)
+    elif target.endswith("load_autoencoder") and node.get("path") is None:
+        problems.append(
+            f"{key}.path is null: the autoencoder's weights file or folder is needed (the fine-tuning "
+            "experiments take it from model.init_from: set model.init_from=PATH)"
+        )
     elif target.endswith("load_autoencoder") and node.get("path"):
         path = Path(str(node.path))
         if not path.exists():
@@ -228,6 +233,8 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             f"model.unet.in_channels={unet.in_channels}, but the autoencoder's latents have {embed_dim} "
             f"channels (its embed_dim): set model.unet.in_channels={embed_dim} (and out_channels)"
         )
+    if (model.get("lora") or model.get("trainable") == "lora") and not model.get("init_from"):
+        problems.append("model.init_from is null: LoRA adapts released weights; set model.init_from=PATH")
     context = _context_dim(cond) if cond is not None else None
     if unet is not None and context is not None and unet.get("context_dim") not in (None, context):
         problems.append(

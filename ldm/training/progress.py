@@ -11,6 +11,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+# Logged by the systems without prog_bar=True (see StepProgressBar.get_metrics) and shown on the bar.
+BAR_METRICS = ("train/loss",)
+
 
 def _duration(seconds: float) -> str:
     """12s, 4m05s, 2h03m."""
@@ -40,14 +43,28 @@ class StepProgressBar(TQDMProgressBar):
         process_position: int = 0,
         every_n_seconds: float = 30.0,
         plain: bool | None = None,
+        postfix_every_n_seconds: float = 1.0,
     ):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position)
         self.every_n_seconds = every_n_seconds
+        self.postfix_every_n_seconds = postfix_every_n_seconds
         self.plain = plain
         self._plain_now = False
-        self._t_start = self._t_last = 0.0
+        self._t_start = self._t_last = self._t_postfix = 0.0
         self._step_last = 0
         self._samples = 0
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+        """Lightning's bar metrics plus the training loss. The systems log `train/loss` without
+        `prog_bar=True`, because Lightning converts every progress-bar metric to a Python number after each
+        batch (`_LoggerConnector.on_batch_end`), a host-device sync per step on a GPU; here it is read only
+        when the bar or a plain line is drawn."""
+        metrics = super().get_metrics(trainer, pl_module)
+        for key in BAR_METRICS:
+            value = trainer.callback_metrics.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                metrics[key] = value.item()
+        return metrics
 
     def _total_steps(self, trainer: pl.Trainer) -> int | None:
         return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
@@ -75,6 +92,12 @@ class StepProgressBar(TQDMProgressBar):
             bar.set_description("train")
             bar.refresh()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._total_steps(trainer) is None:
+            return super().on_train_epoch_end(trainer, pl_module)
+        # One bar for the whole run: an epoch's end (every step of a small DreamBooth set) redraws nothing
+        # and reads nothing back from the device.
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -83,7 +106,13 @@ class StepProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         elif self.is_enabled and self._should_update(trainer.global_step, total):
             self.train_progress_bar.n = trainer.global_step
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+            now = time.perf_counter()
+            # The postfix reads the logged loss back from the device (a sync on a GPU): not every step, at
+            # most every `postfix_every_n_seconds` (and on the last step).
+            if now - self._t_postfix >= self.postfix_every_n_seconds or trainer.global_step >= total:
+                self._t_postfix = now
+                self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self.train_progress_bar.refresh()
         if self._plain_now and trainer.is_global_zero:
             self._samples += self._batch_size(batch) * trainer.world_size
             self._maybe_print_line(trainer, pl_module, total)

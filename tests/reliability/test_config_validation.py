@@ -81,8 +81,13 @@ def test_model_parts_that_do_not_fit_together(tmp_path):
         (["data=webdataset"], "data.urls: missing (???): set it"),
         (["model.autoencoder.path=/nonexistent/ae.safetensors"],
          "model.autoencoder.path='/nonexistent/ae.safetensors': no such file or folder"),
+        # The SD recipes without the released weights: stopped before the text encoder tries the hub.
+        (["experiment=finetune_sd15", "data.root=."],
+         "model.autoencoder.path is null: the autoencoder's weights file or folder is needed"),
+        (["experiment=lora_sd15", "data.root=."], "model.init_from is null: LoRA adapts released weights"),
     ],
-    ids=["shards_match_nothing", "missing_folder", "missing_value", "missing_autoencoder_file"],
+    ids=["shards_match_nothing", "missing_folder", "missing_value", "missing_autoencoder_file",
+         "finetune_without_init_from", "lora_without_init_from"],
 )  # fmt: skip
 def test_missing_data_and_weights(tmp_path, overrides, message):
     assert_fails_fast(train_py(tmp_path, *overrides), tmp_path, message)
