@@ -123,17 +123,29 @@ def test_zero_terminal_snr_v_loss_at_the_last_step():
     assert torch.isfinite(w).all() and (w == 0).all()
 
 
-def test_loss_by_timestep_means_over_the_window():
-    """Means per timestep range over every batch added since the last pop; NaN where none fell; reset."""
+def test_loss_by_timestep_means_over_the_committed_steps():
+    """Means per timestep range over the steps committed since the last pop; NaN where none fell; a step
+    dropped (skipped) or never committed (cut short) does not count; the window survives a state dict."""
     window = LossByTimestep(1000, buckets=10)
+    assert window.pop() == {}
     window.add(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([5, 50, 999]))
-    window.add(torch.tensor([5.0]), torch.tensor([99]))
+    window.add(torch.tensor([5.0]), torch.tensor([99]))  # a second micro-batch of the same step
+    window.commit()
+    window.add(torch.tensor([100.0]), torch.tensor([0]))
+    window.commit(keep=False)  # skipped by the non-finite guard
+    window.add(torch.tensor([7.0]), torch.tensor([990]))
+    state = window.state_dict()  # a checkpoint written before that step completed
+    window.commit()
     out = window.pop()
     assert list(out) == [f"t{k}00-{k}99" for k in range(10)]
-    assert out["t000-099"].item() == 3.0 and out["t900-999"].item() == 10.0
+    assert out["t000-099"].item() == 3.0 and out["t900-999"].item() == 8.5
     assert all(out[k].isnan() for k in out if k not in ("t000-099", "t900-999"))
-    window.add(torch.tensor([2.0]), torch.tensor([150]))
-    assert window.pop()["t000-099"].isnan()
     assert window.pop() == {}
+    resumed = LossByTimestep(1000, buckets=10)
+    resumed.load_state_dict(state)
+    resumed.add(torch.tensor([7.0]), torch.tensor([990]))  # the cut step, run again
+    resumed.commit()
+    again = torch.stack(list(resumed.pop().values()))
+    torch.testing.assert_close(again, torch.stack(list(out.values())), rtol=0, atol=0, equal_nan=True)
     # A schedule whose length is not a multiple: the last range takes the rest.
-    assert list(LossByTimestep(1005, buckets=10).names)[-1] == "t900-1004"
+    assert LossByTimestep(1005, buckets=10).names[-1] == "t900-1004"

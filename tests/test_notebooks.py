@@ -28,7 +28,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def test_notebooks_present():
     names = {path.name for path in NOTEBOOKS}
     assert {
-        "quickstart.ipynb", "how_stable_diffusion_works.ipynb", "evaluate.ipynb", "finetune.ipynb"
+        "quickstart.ipynb",
+        "how_stable_diffusion_works.ipynb",
+        "evaluate.ipynb",
+        "finetune.ipynb",
     } <= names, names
 
 

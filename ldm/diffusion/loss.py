@@ -127,10 +127,13 @@ class DiffusionLoss:
 
 
 class LossByTimestep:
-    """Mean training loss per timestep range over a window of steps, {"t000-099": mean, ...}: shows where
-    in the chain a model is weak. Sums and counts stay on the loss's device (`index_add_`), so adding a
-    batch reads nothing back to the host; `pop()` returns the window's means as tensors (NaN for a range
-    no sample fell in) and starts a new window."""
+    """Mean training loss per timestep range over a window of optimizer steps, {"t000-099": mean, ...}:
+    shows where in the chain a model is weak. Sums and counts stay on the loss's device (`index_add_`), so
+    nothing is read back to the host. A step's batches are `add`ed as pending and join the window at
+    `commit()`, once the optimizer has stepped: a step that is cut short (Ctrl-C, an exception) or skipped
+    (non-finite loss) is not counted, so the window saved in a checkpoint is that of the completed steps and
+    a resumed run logs the means of the uninterrupted one. `pop()` returns the window's means as tensors
+    (NaN for a range no sample fell in) and starts a new window."""
 
     def __init__(self, num_train_timesteps: int, buckets: int = 10):
         self.width = num_train_timesteps // buckets
@@ -138,26 +141,41 @@ class LossByTimestep:
         last = [(k * self.width, (k + 1) * self.width - 1) for k in range(buckets - 1)]
         last.append(((buckets - 1) * self.width, num_train_timesteps - 1))
         self.names = [f"t{lo:03d}-{hi:03d}" for lo, hi in last]
-        self.sums: Tensor | None = None
-        self.counts: Tensor | None = None
+        self.window: Tensor | None = None  # (2, buckets): sums, counts of the committed steps
+        self.pending: Tensor | None = None  # the same for the step in progress
 
     def add(self, loss: Tensor, t: Tensor) -> None:
-        """Fold a batch's per-sample losses at timesteps `t` into the window."""
+        """Fold a batch's per-sample losses at timesteps `t` into the step in progress."""
         loss = loss.detach().float()
-        if self.sums is None or self.sums.device != loss.device:
-            self.sums = loss.new_zeros(self.buckets)
-            self.counts = loss.new_zeros(self.buckets)
+        if self.pending is None:
+            self.pending = loss.new_zeros(2, self.buckets)
         index = (t.to(loss.device) // self.width).clamp(max=self.buckets - 1)
-        self.sums.index_add_(0, index, loss)
-        self.counts.index_add_(0, index, torch.ones_like(loss))
+        self.pending[0].index_add_(0, index, loss)
+        self.pending[1].index_add_(0, index, torch.ones_like(loss))
+
+    def commit(self, keep: bool = True) -> None:
+        """The step in progress is done: into the window (`keep`), or dropped (a skipped step)."""
+        pending, self.pending = self.pending, None
+        if pending is None or not keep:
+            return
+        if self.window is None:
+            self.window = pending
+        else:  # (a window restored from a checkpoint is on the CPU)
+            self.window = self.window.to(pending.device) + pending
 
     def pop(self) -> dict[str, Tensor]:
         """The window's mean loss per range (0-dim tensors, no host sync), then an empty window."""
-        if self.sums is None:
+        if self.window is None:
             return {}
-        means = self.sums / self.counts  # 0 / 0 = NaN: no sample in that range during the window
-        self.sums = self.counts = None
+        means = self.window[0] / self.window[1]  # 0 / 0 = NaN: no sample in that range in the window
+        self.window = None
         return dict(zip(self.names, means.unbind()))
+
+    def state_dict(self) -> dict:
+        return {"window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.pending = state["window"], None
 
 
 def prior_preservation_loss(loss: Tensor, is_prior: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:

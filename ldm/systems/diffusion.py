@@ -91,7 +91,6 @@ class LatentDiffusionSystem(pl.LightningModule):
         self.sample_size = sample_size
         self.log_buckets_every_n_steps = log_buckets_every_n_steps
         self.loss_by_timestep = LossByTimestep(schedule.num_train_timesteps)
-        self._buckets_logged_at = -1
         # Recommended {sampler, steps, guidance_scale}, carried into exports (`Pipeline.recommended`).
         from ldm.pipeline import check_sampling
 
@@ -261,13 +260,8 @@ class LatentDiffusionSystem(pl.LightningModule):
         # Not prog_bar=True: Lightning reads every progress-bar metric back after each batch (a device sync
         # per step); StepProgressBar shows train/loss from the callback metrics when it redraws.
         self.log("train/loss", mean, batch_size=z0.shape[0])
-        if n := self.log_buckets_every_n_steps:  # the mean over the last n steps, logged every n steps
+        if self.log_buckets_every_n_steps:  # joins the window once the step is taken (optimizer_step)
             self.loss_by_timestep.add(loss, t)
-            # Once per optimizer step (its first micro-batch, when gradients accumulate).
-            if (self.global_step + 1) % n == 0 and self._buckets_logged_at != self.global_step:
-                self._buckets_logged_at = self.global_step
-                buckets = self.loss_by_timestep.pop()
-                self.log_dict({f"train/loss_{k}": v for k, v in buckets.items()}, batch_size=z0.shape[0])
         if "skipped" in batch:
             skipped = batch["skipped"]
             for reason, count in skipped.items():
@@ -281,10 +275,22 @@ class LatentDiffusionSystem(pl.LightningModule):
         step in `on_train_batch_end`). Lightning calls this hook only for the micro-batches that step, so
         with gradient accumulation the EMA sees each optimizer step once; `on_before_zero_grad` would be
         one step late in Lightning 2.x, where zero_grad runs inside the next batch's closure. A step that
-        the non-finite guard (ldm/training/nonfinite.py) skipped leaves the EMA as it is too."""
+        the non-finite guard (ldm/training/nonfinite.py) skipped leaves the EMA as it is too, and its losses
+        out of the timestep-bucket window."""
+        step = self.global_step  # (the step being taken: the optimizer's step moves it on)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema is not None and not getattr(self, "nonfinite_skipped", False):
+        skipped = getattr(self, "nonfinite_skipped", False)  # (set by the guard inside the step)
+        if self.ema is not None and not skipped:
             self.ema.update(self.unet)
+        self.loss_by_timestep.commit(keep=not skipped)
+        # Every n steps (at steps n-1, 2n-1, ...), the mean over those n steps; here, before the checkpoint
+        # callbacks of the batch's end, so that a checkpoint holds the window that follows what was logged.
+        if (
+            (n := self.log_buckets_every_n_steps)
+            and (step + 1) % n == 0
+            and (buckets := self.loss_by_timestep.pop())
+        ):
+            self.log_dict({f"train/loss_{k}": v for k, v in buckets.items()}, on_step=True, on_epoch=False)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -334,6 +340,7 @@ class LatentDiffusionSystem(pl.LightningModule):
         checkpoint["prediction_type"] = self.prediction_type
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["loss_by_timestep"] = self.loss_by_timestep.state_dict()
         if self.trainable == "lora":
             # Adapters only (a few MB): the frozen base is init_from's, verified by checksum on resume.
             from ldm.adapters.policy import is_adapter_key
@@ -351,6 +358,8 @@ class LatentDiffusionSystem(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        if "loss_by_timestep" in checkpoint:
+            self.loss_by_timestep.load_state_dict(checkpoint["loss_by_timestep"])
         if self.trainable == "lora":
             self._check_lora_checkpoint(checkpoint)
 
