@@ -141,7 +141,7 @@ def test_piped_run_prints_step_progress_lines_and_uses_configured_threads(common
 
 def test_terminal_bar_counts_steps_over_the_whole_run(common, tmp_path):
     """In a terminal (a pseudo-terminal here) one bar runs to max_steps across epoch boundaries (an epoch of
-    the digits at batch 64 is 25 steps); Lightning's stock bar restarted at "Epoch 1" with 25 steps."""
+    45 training images at batch 8 is 6 steps); Lightning's stock bar restarted at "Epoch 1" each epoch."""
     import fcntl
     import pty
     import struct
@@ -150,7 +150,8 @@ def test_terminal_bar_counts_steps_over_the_whole_run(common, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # tqdm needs a width
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", WANDB_MODE="offline")
-    overrides = [*common, "data.batch_size=64", "trainer.max_steps=27", f"hydra.run.dir={tmp_path}"]
+    small = [f"paths.data_dir={tmp_path / 'data'}", "data.val_fraction=0.975"]  # 45 training images
+    overrides = [*common, *small, "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
                             stdout=slave, stderr=slave, start_new_session=True)  # fmt: skip
     os.close(slave)
@@ -175,8 +176,8 @@ def test_terminal_bar_counts_steps_over_the_whole_run(common, tmp_path):
         reader.join(timeout=10)
         os.close(master)
     screen = b"".join(chunks).decode(errors="replace").replace("\r", "\n")
-    assert "train: 100%" in screen and "27/27" in screen, screen[-3000:]
-    assert "26/27" in screen and "Epoch 1" not in screen  # past the epoch boundary, still one bar
+    assert "train: 100%" in screen and "8/8" in screen, screen[-3000:]
+    assert "7/8" in screen and "Epoch 1" not in screen  # past the epoch boundary, still one bar
     assert not any(line.startswith("step ") for line in screen.splitlines())  # no plain lines on a terminal
 
 

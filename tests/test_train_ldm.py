@@ -28,6 +28,7 @@ def common(tmp_path_factory):
     return ["experiment=digits", f"model.autoencoder.path={ae}", f"paths.data_dir={root / 'data'}", *FAST]
 
 
+@pytest.mark.slow  # 47 s; tests/test_resume.py's epoch-end resumes compare the same (weights, EMA...) fast
 def test_resume_continues_exactly(common, tmp_path):
     """Stop after 3 steps, resume to 6: losses, weights, EMA, optimizer and LR equal an uninterrupted run."""
     fixed = [*common, "model.lr_scheduler.total_steps=6", "model.lr_scheduler.warmup_steps=2",
@@ -118,6 +119,7 @@ def test_tensorboard_logger_has_loss_lr_and_samples(common, tmp_path):
     assert {"train/loss", "lr-AdamW", "samples"} <= tensorboard_tags(run / "tensorboard")
 
 
+@pytest.mark.slow  # 36 s; tests/test_init_from.py checks the weights, test_digits_dreambooth runs init_from
 def test_init_from_a_checkpoint(common, tmp_path):
     """model.init_from takes anything ldm.load_pipeline reads: a run folder's export initializes a new run
     (whose own seed would give other initial weights, so the match below comes from init_from)."""

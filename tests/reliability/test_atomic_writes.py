@@ -20,22 +20,31 @@ from ldm.checkpoints.io import check_training_checkpoint, write_state_dict
 from ldm.training.requeue import AtomicCheckpointIO, find_resume_checkpoint, use_atomic_checkpoint_io
 from tests.tiny import REPO
 
-WRITE = """
-import resource, signal, sys, torch
+
+def checkpoint(step: int) -> dict:
+    """An 8 MB training checkpoint for `step`, its weights all equal to `step`."""
+    w = torch.full((2_000_000,), float(step))
+    return {"state_dict": {"w": w}, "global_step": step, "loops": {}, "optimizer_states": []}
+
+
+KILLED_WRITE = """
+import resource, signal, sys
 from ldm.training.requeue import AtomicCheckpointIO
-ckpt = {"state_dict": {"w": torch.full((2_000_000,), float(sys.argv[2]))}, "global_step": int(sys.argv[2]),
-        "loops": {}, "optimizer_states": []}
+from tests.reliability.test_atomic_writes import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it (writes would fail with EFBIG): be killed
-if sys.argv[3] != "0":
-    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
-AtomicCheckpointIO().save_checkpoint(ckpt, sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+AtomicCheckpointIO().save_checkpoint(checkpoint(int(sys.argv[2])), sys.argv[1])
 """
 
 
 def save(path: Path, step: int, limit: int = 0) -> int:
-    """Write an 8 MB checkpoint for `step` in a fresh process; `limit`: kill it after that many bytes."""
+    """Write the checkpoint of `step` and return the exit status: here, or with `limit` in a fresh process
+    that the kernel kills once it has written that many bytes."""
+    if not limit:  # (a fresh process costs ~8 s of imports: only the killed write needs one)
+        AtomicCheckpointIO().save_checkpoint(checkpoint(step), path)
+        return 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", WRITE, str(path), str(step), str(limit)]
+    cmd = [sys.executable, "-c", KILLED_WRITE, str(path), str(step), str(limit)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     return proc.returncode
 

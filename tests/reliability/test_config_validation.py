@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from ldm.training.checks import ConfigError, check_config
 from tests.tiny import REPO
 
 
@@ -90,4 +91,29 @@ def test_model_parts_that_do_not_fit_together(tmp_path):
          "finetune_without_init_from", "lora_without_init_from"],
 )  # fmt: skip
 def test_missing_data_and_weights(tmp_path, overrides, message):
-    assert_fails_fast(train_py(tmp_path, *overrides), tmp_path, message)
+    """Through check_config in this process: the tests above show that train.py stops on its ConfigError
+    before anything runs, which a `python train.py` per case (~9 s of imports each) would only repeat."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        with pytest.raises(ConfigError) as err:
+            check_config(composed(tmp_path, *overrides))
+    finally:
+        HydraConfig.instance().cfg = None  # as after a hydra.main run: no run config left for other tests
+    assert message in str(err.value)
+
+
+def composed(tmp_path, *overrides: str):
+    """train.py's config for `overrides`, composed as @hydra.main composes it (its hydra: keys resolved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ldm.training.resolvers import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", [*overrides, f"hydra.run.dir={tmp_path / 'run'}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg

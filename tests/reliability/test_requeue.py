@@ -48,6 +48,7 @@ def halve(path: Path) -> None:
         f.truncate(path.stat().st_size // 2)
 
 
+@pytest.mark.slow  # 48 s; fast: resume=auto below, SIGTERM's exit in test_cli_runtime, exactness test_resume
 def test_requeue_after_sigterm_matches_the_uninterrupted_run(common, tmp_path):
     """SIGTERM mid-run, then the *same* command line again: the run continues from its last.ckpt and ends
     with the uninterrupted run's losses, checkpoint (weights, EMA, optimizer) and exported weights, bit for
