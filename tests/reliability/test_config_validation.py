@@ -92,28 +92,17 @@ def test_model_parts_that_do_not_fit_together(tmp_path):
 )  # fmt: skip
 def test_missing_data_and_weights(tmp_path, overrides, message):
     """Through check_config in this process: the tests above show that train.py stops on its ConfigError
-    before anything runs, which a `python train.py` per case (~9 s of imports each) would only repeat."""
+    before anything runs, which a `python train.py` per case (~9 s of imports each) would only repeat.
+    The config is composed as @hydra.main composes it, its hydra: keys (paths.output_dir) resolvable."""
     from hydra.core.hydra_config import HydraConfig
 
+    from tests.test_configs import composed
+
+    cfg = composed(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    HydraConfig.instance().set_config(cfg)
     try:
         with pytest.raises(ConfigError) as err:
-            check_config(composed(tmp_path, *overrides))
+            check_config(cfg)
     finally:
         HydraConfig.instance().cfg = None  # as after a hydra.main run: no run config left for other tests
     assert message in str(err.value)
-
-
-def composed(tmp_path, *overrides: str):
-    """train.py's config for `overrides`, composed as @hydra.main composes it (its hydra: keys resolved)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from ldm.training.resolvers import register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", [*overrides, f"hydra.run.dir={tmp_path / 'run'}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
