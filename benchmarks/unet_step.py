@@ -2,14 +2,18 @@
 
     python benchmarks/unet_step.py [--sizes tiny small sd15] [--repeats 5] [--batch 2] [--latent N]
                                    [--threads N] [--channels-last] [--compile] [--no-lowering]
+                                   [--no-fused-adamw]
                                    [--malloc system|reuse] [--json out.json]
 
-Sizes (benchmarks/bench_utils.py): `tiny` and `small` (the SD1 layout at 1/5 the width) time a whole
-training step (forward, MSE loss, backward, AdamW step, zero_grad); `sd15` (configs/model/unet/sd15.yaml,
-859.5M parameters) times the forward pass only, with no_grad. Latents are B x 4 x N x N (N: 16 tiny,
-32 otherwise), contexts B x 77 x context_dim. The two networks take turns (ours, theirs, theirs, ours, ...)
-after one warm-up call each, and the table gives the median over `--repeats`; the outputs of the two on the
-same input are compared first (relative error), so the weights are known to be the same.
+Sizes (benchmarks/bench_utils.py): `tiny` and `small` (the SD1 layout at 1/5 the width) time a whole training
+step (forward, MSE loss, backward, AdamW step, zero_grad), each network with the AdamW its framework trains
+with: ours fused into one kernel per tensor as `LatentDiffusionSystem.configure_optimizers` builds it in full
+precision (`--no-fused-adamw`: torch's default, as diffusers'), diffusers' as its
+`examples/text_to_image/train_text_to_image.py` builds it (`torch.optim.AdamW` with torch's defaults); `sd15`
+(configs/model/unet/sd15.yaml, 859.5M parameters) times the forward pass only, with no_grad. Latents are B x 4
+x N x N (N: 16 tiny, 32 otherwise), contexts B x 77 x context_dim. The two networks take turns (ours, theirs,
+theirs, ours, ...) after one warm-up call each, and the table gives the median over `--repeats`; the outputs
+of the two on the same input are compared first (relative error), so the weights are known to be the same.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ def build(size: str, batch: int, latent: int, channels_last: bool, compile_: boo
     return ours, theirs, x, calls
 
 
-def train_step(module: torch.nn.Module, call, target: torch.Tensor):
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
+def train_step(module: torch.nn.Module, call, target: torch.Tensor, fused: bool | None = None):
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=fused)
 
     def step():
         loss = F.mse_loss(call(), target)
@@ -72,7 +76,7 @@ def run(size: str, args) -> dict:
         ours.train(), theirs.train()
         target = torch.randn_like(x)
         fns = {
-            "ours": train_step(ours, calls["ours"], target),
+            "ours": train_step(ours, calls["ours"], target, fused=None if args.no_fused_adamw else True),
             "diffusers": train_step(theirs, calls["diffusers"], target),
         }
     times = bu.alternate(fns, args.repeats)
@@ -115,6 +119,10 @@ def main(argv=None) -> dict:
         "--no-lowering", action="store_true",
         help="ours without the GEMM lowering of weight-bound CPU convolutions (ldm/nn/conv.py)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-fused-adamw", action="store_true",
+        help="ours with torch's default AdamW (as diffusers') instead of the fused one ldm trains with",
+    )  # fmt: skip
     bu.add_common_args(p)
     args = p.parse_args(argv)
     n = bu.threads(args.threads)
@@ -124,6 +132,7 @@ def main(argv=None) -> dict:
     set_lowering(not args.no_lowering)
     print(
         f"channels_last={args.channels_last} compile={args.compile} lowering={not args.no_lowering} "
+        f"fused_adamw={not args.no_fused_adamw} "
         f"repeats={args.repeats} (median)\n"
     )
     print(

@@ -38,6 +38,7 @@ def test_unet_step(tmp_path):
     """Also `--malloc reuse` (ldm/utils/malloc.py) for the process that runs both sides."""
     proc, res = run("unet_step", tmp_path, "--malloc", "reuse")
     assert res["args"]["malloc"] == "reuse" and "malloc=reuse" in proc.stdout
+    assert "fused_adamw=True" in proc.stdout  # ours steps with the AdamW ldm trains with (CPU fp32: fused)
     (row,) = res["rows"]
     assert row["size"] == "tiny" and row["mode"] == "train step"
     assert row["output_rel_err"] < 1e-5  # the two networks hold the same weights
